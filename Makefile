@@ -1,0 +1,57 @@
+# Adversa: `make run` starts the service, `make test` runs every check. Both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: run test lint unit models bench data install clean
+
+run: install data
+	$(BIN)/adversa serve
+
+test: install data
+	$(BIN)/ruff check service workers models tests bench
+	$(BIN)/mypy
+	$(BIN)/python -c "import sys, service.app, service.cli; assert 'torch' not in sys.modules, 'gateway imported torch'"
+	bash tests/run.sh
+
+lint: install
+	$(BIN)/ruff check service workers models tests bench
+	$(BIN)/mypy
+
+models: install data
+	$(BIN)/python -m models.train
+
+bench: install data $(BENCH_STAMP)
+	$(BIN)/python -m bench.attacks
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+# Fashion-MNIST: Debian's dataset-fashion-mnist where apt works, torchvision's downloader elsewhere.
+data:
+	@if [ -n "$$ADVERSA_DATA_DIR" ] && [ -e "$$ADVERSA_DATA_DIR/t10k-images-idx3-ubyte.gz" ]; then exit 0; fi; \
+	if [ -e $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz ] || [ -e var/data/FashionMNIST/raw/t10k-images-idx3-ubyte.gz ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing dataset-fashion-mnist with apt"; \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	fi; \
+	if [ ! -e $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz ]; then \
+		echo "downloading Fashion-MNIST with torchvision into var/data"; \
+		$(BIN)/python -c "from torchvision.datasets import FashionMNIST as F; F('var/data', train=True, download=True); F('var/data', train=False, download=True)"; \
+	fi
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,152 @@
+"""Model cards: what the registry knows about a model, readable without torch.
+
+The gateway validates inputs against a card (shape, bounds, classes) before anything is queued,
+so this module must stay free of torch imports.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+HOSTED_DIR = Path(__file__).resolve().parent / "hosted"
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class Lineage(BaseModel):
+    """Where a model came from: enough to retrain it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str | None = None
+    recipe: str
+    data: str
+    seed: int
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    created: str
+
+
+class ModelCard(BaseModel):
+    """A model card (manifest) of one version of one registered model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: int = Field(ge=1)
+    team: str | None = None
+    architecture: str
+    input_shape: tuple[int, int, int]
+    bounds: tuple[float, float] = (0.0, 1.0)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    lineage: Lineage
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"expected a lowercase kebab-case name, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        channels = self.input_shape[0]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"expected mean and std with {channels} entries, one per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("expected strictly positive std")
+        if not self.bounds[0] < self.bounds[1]:
+            raise ValueError(f"expected bounds lo < hi, got {self.bounds}")
+        if len(self.classes) < 2:
+            raise ValueError("expected at least two classes")
+        return self
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def read(cls, path: Path) -> ModelCard:
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def write(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """Split ``name`` or ``name@version`` into its parts; ``None`` means the latest version."""
+    name, sep, version = ref.partition("@")
+    if not sep:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise ValueError(f"expected name@<positive integer>, got {ref!r}")
+    return name, int(version)
+
+
+class CardIndex:
+    """Finds model cards under one or more roots laid out as ``<root>/<name>/<version>/card.json``.
+
+    Torch-free: the gateway uses it to list models and validate requests; the worker registry
+    uses it to find the weights next to the card.
+    """
+
+    def __init__(self, roots: list[Path]) -> None:
+        self.roots = roots
+
+    @classmethod
+    def default(cls, extra_roots: list[Path] | None = None) -> CardIndex:
+        """The hosted models first, then registered ones (``extra_roots``)."""
+        return cls([HOSTED_DIR, *(extra_roots or [])])
+
+    def _versions(self, name: str) -> dict[int, Path]:
+        found: dict[int, Path] = {}
+        if not NAME_RE.match(name):
+            return found
+        for root in self.roots:
+            base = root / name
+            if not base.is_dir():
+                continue
+            for child in base.iterdir():
+                if child.name.isdigit() and (child / CARD_FILE).is_file():
+                    found.setdefault(int(child.name), child)
+        return found
+
+    def names(self) -> list[str]:
+        names: set[str] = set()
+        for root in self.roots:
+            if root.is_dir():
+                names.update(p.name for p in root.iterdir() if p.is_dir() and self._versions(p.name))
+        return sorted(names)
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._versions(name))
+
+    def directory(self, name: str, version: int | None = None) -> Path | None:
+        versions = self._versions(name)
+        if not versions:
+            return None
+        chosen = max(versions) if version is None else version
+        return versions.get(chosen)
+
+    def card(self, ref: str) -> ModelCard | None:
+        """The card for ``name`` or ``name@version``, or None when there is none."""
+        try:
+            name, version = parse_ref(ref)
+        except ValueError:
+            return None
+        directory = self.directory(name, version)
+        return None if directory is None else ModelCard.read(directory / CARD_FILE)

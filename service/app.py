@@ -1,0 +1,108 @@
+"""The FastAPI gateway: ``create_app(settings)``; nothing happens at import.
+
+The gateway never imports torch (a test checks it): it validates, stores inputs, enqueues, and
+reads results. All tensor work happens in the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from redis import Redis
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models.manifest import CardIndex
+from models.store import FileStore
+from service import errors
+from service.errors import Problem, problem_response
+from service.metrics import instrument
+from service.queueing import Queues
+from service.routes import attacks, health, infer, jobs, models
+from service.settings import Settings
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, whether or not Content-Length is set."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = Problem(413, f"expected a request body of at most {self.limit} bytes",
+                            code="body-too-large")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await problem_response(too_large, scope.get("path"))(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise too_large
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except Problem as exc:
+            if exc is not too_large:
+                raise
+            await problem_response(too_large, scope.get("path"))(scope, receive, send)
+
+
+def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
+    """Build the gateway for ``settings`` (Redis from ``settings.redis_url`` unless given)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        app.state.redis.close()
+
+    app = FastAPI(
+        title="Adversa",
+        version="1.0.0",
+        summary="Adversarial-robustness service: attack, defend and audit image classifiers",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.redis = redis or Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
+    app.state.queues = Queues(app.state.redis, settings)
+    app.state.index = CardIndex.default([settings.models_root])
+    app.state.store = FileStore(settings.blob_root)
+    errors.install(app)
+    app.middleware("http")(instrument)
+    for module in (health, models, infer, attacks, jobs):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    _document_attack_schemas(app)
+    return app
+
+
+def _document_attack_schemas(app: FastAPI) -> None:
+    """The attack endpoint reads its body by hand (JSON or multipart); publish its schema."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["AttackRequest"] = dict(attacks._REQUEST_SCHEMA)
+        for name, definition in attacks._DEFS.items():
+            components.setdefault(name, definition)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

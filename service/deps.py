@@ -1,0 +1,68 @@
+"""Dependencies shared by the routes, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis import Redis
+
+from models.manifest import CardIndex, ModelCard
+from models.store import BlobStore
+from service.errors import Problem
+from service.queueing import Queues
+from service.settings import Settings
+
+PUBLIC_TEAM = "public"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_redis(request: Request) -> Redis:
+    return request.app.state.redis  # type: ignore[no-any-return]
+
+
+def get_queues(request: Request) -> Queues:
+    return request.app.state.queues  # type: ignore[no-any-return]
+
+
+def get_index(request: Request) -> CardIndex:
+    return request.app.state.index  # type: ignore[no-any-return]
+
+
+def get_store(request: Request) -> BlobStore:
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[Redis, Depends(get_redis)]
+QueueDep = Annotated[Queues, Depends(get_queues)]
+RegistryDep = Annotated[CardIndex, Depends(get_index)]
+StoreDep = Annotated[BlobStore, Depends(get_store)]
+
+
+def get_team(request: Request, settings: SettingsDep) -> str:
+    """The caller's team from ``Authorization: Bearer <key>``; 'public' when auth is off."""
+    if not settings.api_keys:
+        return PUBLIC_TEAM
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    team = settings.api_keys.get(key.strip()) if scheme.lower() == "bearer" else None
+    if team is None:
+        raise Problem(401, "expected header 'Authorization: Bearer <key>' with a known API key",
+                      code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    return team
+
+
+TeamDep = Annotated[str, Depends(get_team)]
+
+
+def visible_card(index: CardIndex, ref: str, team: str) -> ModelCard:
+    """The card of ``ref`` if this team may use it (hosted models are visible to all), else 404."""
+    card = index.card(ref)
+    if card is None or (card.team is not None and card.team != team):
+        raise Problem(404, f"model: expected a registered model name (GET /v1/models), got {ref!r}",
+                      field="model", code="unknown-model")
+    return card

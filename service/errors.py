@@ -1,0 +1,122 @@
+"""The one place that turns domain errors into RFC 9457 ``application/problem+json`` responses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+PROBLEM = "application/problem+json"
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class Problem(Exception):
+    """A domain error that knows its HTTP status. ``field`` names the offending input."""
+
+    def __init__(self, status: int, detail: str, *, field: str | None = None,
+                 code: str | None = None, errors: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.field = field
+        self.code = code
+        self.errors = errors
+        self.headers = headers
+
+
+def invalid(field: str, detail: str, status: int = 422) -> Problem:
+    return Problem(status, f"{field}: {detail}", field=field, code="invalid-input",
+                   errors=[{"field": field, "message": detail}])
+
+
+def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"https://adversa.dev/problems/{problem.code or problem.status}",
+        "title": TITLES.get(problem.status, "Error"),
+        "status": problem.status,
+        "detail": problem.detail,
+    }
+    if instance:
+        body["instance"] = instance
+    if problem.field:
+        body["field"] = problem.field
+    if problem.code:
+        body["code"] = problem.code
+    if problem.errors:
+        body["errors"] = problem.errors
+    return JSONResponse(body, status_code=problem.status, media_type=PROBLEM,
+                        headers=problem.headers)
+
+
+def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
+    return text or "body"
+
+
+def validation_problem(errors: list[Any], prefix: tuple[str, ...] = ()) -> Problem:
+    """A 422 listing each invalid field with what was expected."""
+    items = []
+    for err in errors:
+        loc = [*prefix, *err.get("loc", ())]
+        # Drop pydantic's union tags ("pgd", "dataset", "function-after[...]") from the path.
+        loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in _TAGS))]
+        message = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            message = "unknown parameter"
+        elif err.get("type") == "missing":
+            message = "required field is missing"
+        items.append({"field": _loc(loc), "message": message})
+    detail = "; ".join(f"{i['field']}: {i['message']}" for i in items) or "invalid request"
+    return Problem(422, detail, field=items[0]["field"] if items else None,
+                   code="invalid-request", errors=items)
+
+
+_TAGS = {"fgsm", "pgd", "deepfool", "dataset", "array", "images"}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem_response(validation_problem(list(exc.errors())), request.url.path)
+
+    @app.exception_handler(ValidationError)
+    async def _validation(request: Request, exc: ValidationError) -> JSONResponse:
+        return problem_response(validation_problem(list(exc.errors())), request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem_response(Problem(exc.status_code, str(exc.detail)), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return problem_response(Problem(500, "internal error; the server log has the details"),
+                                request.url.path)

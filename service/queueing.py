@@ -1,0 +1,127 @@
+"""The gateway's side of RQ: enqueue by string reference with the JSON serializer, read job
+state, cancel. Maps RQ's statuses onto the five states users see, in one function."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+from rq.worker import Worker
+
+from workers.errors import CANCEL_KEY
+from workers.settings import CommonSettings
+from workers.specs import JobError, JobState, JobView
+
+IDEMPOTENCY_KEY = "adversa:idem:{}:{}"
+QUEUE_NAMES = ("predict", "attacks")
+
+
+@dataclass
+class Queues:
+    redis: Redis
+    settings: CommonSettings
+
+    def queue(self, name: str) -> Queue:
+        return Queue(self.settings.queue_name(name), connection=self.redis,
+                     serializer=JSONSerializer)
+
+    def enqueue(self, queue: str, func: str, payload: dict[str, Any], *, job_id: str,
+                meta: dict[str, Any], timeout: int | None = None, result_ttl: int | None = None,
+                ) -> Job:
+        return self.queue(queue).enqueue_call(
+            func, args=(payload,), job_id=job_id, meta=meta,
+            timeout=timeout or self.settings.job_timeout_s,
+            result_ttl=result_ttl or self.settings.result_ttl_s,
+            failure_ttl=self.settings.result_ttl_s,
+        )
+
+    def fetch(self, job_id: str) -> Job | None:
+        try:
+            return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return None
+
+    def workers_alive(self) -> int:
+        names = {self.settings.queue_name(q) for q in QUEUE_NAMES}
+        return sum(1 for w in Worker.all(connection=self.redis) if names & set(w.queue_names()))
+
+    def depth(self) -> dict[str, int]:
+        return {name: self.queue(name).count for name in QUEUE_NAMES}
+
+    def cancel(self, job: Job) -> None:
+        """Cancel a queued job at once; ask a running one to stop at its next chunk."""
+        job.meta["cancel_requested"] = True
+        job.save_meta()
+        self.redis.set(CANCEL_KEY.format(job.id), 1, ex=self.settings.result_ttl_s)
+        if job.get_status() in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            with contextlib.suppress(InvalidJobOperation):  # raced to a start: the flag stops it
+                job.cancel()
+
+    def reserve_idempotency(self, team: str, key: str, job_id: str, body: bytes) -> str | None:
+        """Claim ``key`` for ``job_id``. Returns None when claimed, else the stored
+        ``job_id|digest`` of the earlier request."""
+        digest = hashlib.sha256(body).hexdigest()
+        name = IDEMPOTENCY_KEY.format(team, hashlib.sha256(key.encode()).hexdigest())
+        if self.redis.set(name, f"{job_id}|{digest}", nx=True, ex=self.settings.result_ttl_s):
+            return None
+        stored = self.redis.get(name)
+        return stored.decode() if isinstance(stored, bytes) else stored
+
+    def release_idempotency(self, team: str, key: str) -> None:
+        self.redis.delete(IDEMPOTENCY_KEY.format(team, hashlib.sha256(key.encode()).hexdigest()))
+
+
+def state_of(job: Job) -> JobState:
+    """RQ status (+ our meta) -> the state users see."""
+    status = job.get_status(refresh=False)
+    error = job.meta.get("error") or {}
+    if status in (JobStatus.CANCELED, JobStatus.STOPPED) or error.get("code") == "canceled":
+        return JobState.canceled
+    if status == JobStatus.FINISHED:
+        return JobState.succeeded
+    if status == JobStatus.FAILED:
+        return JobState.failed
+    if status == JobStatus.STARTED:
+        return JobState.running
+    return JobState.queued
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def view(job: Job) -> JobView:
+    job.refresh()
+    state = state_of(job)
+    error = None
+    if state in (JobState.failed, JobState.canceled):
+        raw = job.meta.get("error")
+        if raw:
+            error = JobError(code=raw["code"], message=raw["message"])
+        elif state == JobState.canceled:
+            error = JobError(code="canceled", message="canceled by the client")
+        else:
+            error = JobError(code="internal", message="the worker stopped without a result "
+                             "(killed or timed out)")
+    result = job.return_value() if state == JobState.succeeded else None
+    progress = 1.0 if state == JobState.succeeded else float(job.meta.get("progress", 0.0))
+    return JobView(
+        id=job.id,
+        kind=job.meta.get("kind", "unknown"),
+        status=state,
+        progress=progress,
+        model=job.meta.get("model"),
+        created_at=_iso(job.created_at),
+        started_at=_iso(job.started_at),
+        ended_at=_iso(job.ended_at),
+        result=result,
+        error=error,
+    )

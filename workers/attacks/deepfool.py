@@ -1,0 +1,136 @@
+"""DeepFool, batched over images and candidate classes (L2 and Linf).
+
+Moosavi-Dezfooli, Fawzi, Frossard, "DeepFool: a simple and accurate method to fool deep neural
+networks", CVPR 2016. At each iterate the classifier is linearised around the current point; the
+step goes to the nearest linearised boundary among the candidate classes (the top ``candidates``
+classes of the clean logits): for L2, ``r = |f_k| / ||w_k||_2^2 * w_k``; for Linf,
+``r = |f_k| / ||w_k||_1 * sign(w_k)``, with ``f_k`` the logit difference to the original class
+and ``w_k`` its gradient.
+
+What differs from the per-image reference loop, and why:
+* one forward pass per iteration for the whole active batch, then one batched backward pass per
+  candidate class through the same graph: no loop over images;
+* the overshoot multiplies the *total* perturbation, every iterate is clipped to the input
+  bounds, and success is judged on that clipped point, so a returned sample really is on the
+  other side of the boundary instead of on it;
+* samples are dropped from the batch as soon as they are fooled (early stop by masking).
+Untargeted only: the method seeks the nearest boundary, whatever class lies behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.attacks.base import TINY, AttackOutput, Norm, check_batch, counters, per_sample
+from workers.classifier import Classifier
+
+
+@dataclass(frozen=True)
+class DeepFoolSpec:
+    """``overshoot`` scales the total perturbation by ``1 + overshoot``; ``candidates`` counts the
+    original class too (10 = all classes of Fashion-MNIST)."""
+
+    norm: Norm = "l2"
+    overshoot: float = 0.02
+    max_iter: int = 50
+    candidates: int = 10
+
+
+def deepfool(
+    model: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: DeepFoolSpec,
+    *,
+    targets: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> AttackOutput:
+    """Minimal-perturbation DeepFool on a batch.
+
+    Args:
+        model: the classifier; bounds come from it.
+        x: inputs ``(N, C, H, W)`` inside ``model.bounds``.
+        y: true labels ``(N,)``; samples already misclassified are returned unchanged.
+        spec: ``norm`` (``l2`` or ``linf``), ``overshoot``, ``max_iter``, ``candidates``.
+        targets: must be None (DeepFool is untargeted).
+        generator: unused (deterministic); accepted for a uniform kernel signature.
+
+    Returns:
+        ``AttackOutput`` whose ``x_adv`` is ``clip(x + (1 + overshoot) * r_total)``.
+
+    Example:
+        >>> out = deepfool(model, x, y, DeepFoolSpec(norm="l2"))
+    """
+    if targets is not None:
+        raise ValueError("DeepFool is untargeted: expected targets=None")
+    check_batch(x, y, None, False)
+    assert spec.norm in ("l2", "linf"), f"expected norm l2 or linf, got {spec.norm}"
+    lo, hi = model.bounds
+    n_classes = model.num_classes
+    k = max(2, min(spec.candidates, n_classes))
+    queries, gradients = counters(x)
+
+    logits0 = model.logits(x)
+    queries += 1
+    # Candidate classes: the top-k of the clean logits, the true class removed (k - 1 per sample).
+    order = logits0.argsort(dim=1, descending=True)
+    not_true = order != y[:, None]
+    ranked = order[not_true].view(x.shape[0], n_classes - 1)
+    candidates = ranked[:, : k - 1]
+
+    r_total = torch.zeros_like(x)
+    x_adv = x.clone()
+    success = logits0.argmax(dim=1) != y
+    idx = (~success).nonzero().squeeze(1)
+    scale = 1.0 + spec.overshoot
+    rows = torch.arange(k - 1, device=x.device)
+
+    for iteration in range(spec.max_iter + 1):
+        if idx.numel() == 0:
+            break
+        n_act = idx.numel()
+        y_act, cand = y[idx], candidates[idx]
+        x_cur = (x[idx] + scale * r_total[idx]).clamp(lo, hi)
+        if iteration == spec.max_iter:
+            # Out of iterations: one last check of the final point, no more gradients.
+            fooled = model.logits(x_cur).argmax(dim=1) != y_act
+            queries[idx] += 1
+            x_adv[idx] = x_cur
+            success[idx[fooled]] = True
+            break
+        # cotangents[c, i] = e_{cand[i, c]} - e_{y[i]}: gradients of the logit differences.
+        cot = torch.zeros(k - 1, n_act, n_classes, device=x.device, dtype=x.dtype)
+        samples = torch.arange(n_act, device=x.device)
+        cot[rows[:, None], samples[None, :], cand.T] = 1.0
+        cot[rows[:, None], samples[None, :], y_act[None, :].expand(k - 1, n_act)] = -1.0
+        logits, w = model.vjp_batch(x_cur, cot)
+        queries[idx] += 1
+        gradients[idx] += k - 1
+
+        fooled = logits.argmax(dim=1) != y_act
+        x_adv[idx[fooled]] = x_cur[fooled]
+        success[idx[fooled]] = True
+        if bool(fooled.all()):
+            break
+        keep = ~fooled
+        idx, y_act, cand, w, logits = idx[keep], y_act[keep], cand[keep], w[:, keep], logits[keep]
+
+        f = (logits.gather(1, cand) - logits.gather(1, y_act[:, None])).abs()  # (n, k-1)
+        w_flat = w.flatten(2)  # (k-1, n, D)
+        # Dual norm of the step's norm: L2 for L2, L1 for Linf. Shape (n, k-1).
+        w_norm = w_flat.norm(p=2, dim=2).T if spec.norm == "l2" else w_flat.abs().sum(dim=2).T
+        dist = f / (w_norm + TINY)
+        best = dist.argmin(dim=1)  # (n,)
+        n_keep = idx.numel()
+        w_best = w[best, torch.arange(n_keep, device=x.device)]  # (n, C, H, W)
+        f_best = f.gather(1, best[:, None]).squeeze(1)
+        norm_best = w_norm.gather(1, best[:, None]).squeeze(1)
+        if spec.norm == "l2":
+            step = w_best * per_sample((f_best + 1e-5) / (norm_best**2 + TINY), w_best)
+        else:
+            step = w_best.sign() * per_sample((f_best + 1e-5) / (norm_best + TINY), w_best)
+        r_total[idx] += step
+
+    return AttackOutput(x_adv, success, queries, gradients)

@@ -1,0 +1,118 @@
+"""Warm models: an LRU of loaded ``Classifier`` handles per device, and tuned chunk sizes.
+
+Loading weights per job wastes seconds and a fork per job breaks CUDA, so workers keep models in
+memory. Chunk size changes speed as much as code does (on 2 CPU cores the small CNN runs
+forward+backward at about twice the rate at batch 128 as at 512), so the best size is measured
+once per model and device and remembered in ``<var>/batch_sizes.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from models.manifest import CardIndex, ModelCard, parse_ref
+from models.registry import load_module
+from workers.classifier import Classifier
+
+log = logging.getLogger(__name__)
+CANDIDATE_BATCHES = (32, 64, 128, 256, 512)
+
+
+class UnknownModelError(LookupError):
+    """No model of that name or version in the registry."""
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class ModelCache:
+    """Loads models from the registry on first use and keeps the ``capacity`` most recent."""
+
+    def __init__(self, index: CardIndex, device: torch.device, capacity: int = 4,
+                 tuning_file: Path | None = None) -> None:
+        self.index = index
+        self.device = device
+        self.capacity = capacity
+        self.tuning_file = tuning_file
+        self._models: OrderedDict[str, tuple[ModelCard, Classifier]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def resolve(self, ref: str) -> ModelCard:
+        card = self.index.card(ref)
+        if card is None:
+            raise UnknownModelError(f"expected a registered model, got {ref!r}")
+        return card
+
+    def get(self, ref: str) -> tuple[ModelCard, Classifier]:
+        card = self.resolve(ref)
+        with self._lock:
+            if card.ref in self._models:
+                self._models.move_to_end(card.ref)
+                return self._models[card.ref]
+            name, version = parse_ref(card.ref)
+            directory = self.index.directory(name, version)
+            assert directory is not None
+            card, module = load_module(directory, self.device)
+            handle = Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref)
+            self._models[card.ref] = (card, handle)
+            while len(self._models) > self.capacity:
+                evicted, _ = self._models.popitem(last=False)
+                log.info("evicted %s from the model cache", evicted)
+            return card, handle
+
+    def batch_size(self, card: ModelCard, model: Classifier) -> int:
+        """The measured best chunk size for forward+backward of this model on this device."""
+        key = f"{card.sha256[:16]}:{self.device}"
+        known = self._read_tuning()
+        if key in known:
+            return int(known[key])
+        best, best_rate = CANDIDATE_BATCHES[0], 0.0
+        for size in CANDIDATE_BATCHES:
+            x = torch.rand(size, *card.input_shape, device=self.device)
+            y = torch.zeros(size, dtype=torch.int64, device=self.device)
+            loss = lambda logits, labels=y: torch.nn.functional.cross_entropy(  # noqa: E731
+                logits, labels, reduction="sum"
+            )
+            model.value_and_grad(x, loss)  # warm-up
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            for _ in range(3):
+                model.value_and_grad(x, loss)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            rate = 3 * size / (time.perf_counter() - start)
+            if rate > best_rate * 1.05:
+                best, best_rate = size, rate
+        model.reset_counters()
+        log.info("%s on %s: chunk size %d (%.0f images/s forward+backward)", card.ref,
+                 self.device, best, best_rate)
+        known[key] = best
+        self._write_tuning(known)
+        return best
+
+    def _read_tuning(self) -> dict[str, int]:
+        if self.tuning_file is None or not self.tuning_file.is_file():
+            return {}
+        try:
+            return dict(json.loads(self.tuning_file.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def _write_tuning(self, known: dict[str, int]) -> None:
+        if self.tuning_file is None:
+            return
+        self.tuning_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tuning_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=2, sort_keys=True))
+        tmp.replace(self.tuning_file)

@@ -1,0 +1,86 @@
+"""The ``Classifier`` handle every kernel attacks.
+
+It wraps a frozen module that takes inputs in ``bounds`` (normalisation inside) and returns logits,
+and counts what attacks spend: ``queries`` (images forwarded) and ``gradients`` (vector-Jacobian
+products, one per image per backward pass). It never changes the module's mode or device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Classifier:
+    """A model under attack: ``module(x) -> logits`` with ``x`` in ``bounds``, shape ``(N, *input_shape)``."""
+
+    module: nn.Module
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    bounds: tuple[float, float] = (0.0, 1.0)
+    name: str = "model"
+    queries: int = field(default=0, init=False)
+    gradients: int = field(default=0, init=False)
+
+    @property
+    def device(self) -> torch.device:
+        for parameter in self.module.parameters():
+            return parameter.device
+        for buffer in self.module.buffers():
+            return buffer.device
+        return torch.device("cpu")
+
+    def reset_counters(self) -> None:
+        self.queries = 0
+        self.gradients = 0
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits without gradient tracking."""
+        with torch.no_grad():
+            self.queries += x.shape[0]
+            return self.module(x)
+
+    def predict(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Logits for a large batch, computed in chunks of ``batch_size``."""
+        return torch.cat([self.logits(chunk) for chunk in x.split(batch_size)]) if len(x) else (
+            torch.empty(0, self.num_classes, device=x.device)
+        )
+
+    def value_and_grad(
+        self, x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at ``x`` and the gradient of the scalar ``loss(logits)`` with respect to ``x``.
+
+        ``loss`` should sum over the batch, so that one sample's gradient does not depend on the
+        others.
+        """
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.module(x)
+            (grad,) = torch.autograd.grad(loss(logits), x)
+        self.queries += x.shape[0]
+        self.gradients += x.shape[0]
+        return logits.detach(), grad.detach()
+
+    def vjp_batch(
+        self, x: torch.Tensor, cotangents: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at ``x`` ``(N, K)`` and one gradient per cotangent: ``(C, N, *x.shape[1:])``.
+
+        ``cotangents`` has shape ``(C, N, K)``; row ``c`` gives the gradient of
+        ``sum_n <cotangents[c, n], logits[n]>``. One forward pass, the C backward passes batched
+        (vmap), so DeepFool gets all candidate-class gradients without a Python loop over classes.
+        """
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.module(x)
+            (grads,) = torch.autograd.grad(
+                logits, x, grad_outputs=cotangents, is_grads_batched=True
+            )
+        self.queries += x.shape[0]
+        self.gradients += x.shape[0] * cotangents.shape[0]
+        return logits.detach(), grads.detach()

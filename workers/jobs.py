@@ -1,0 +1,280 @@
+"""RQ entry points. Orchestration only: validate the payload, load model and inputs, run the kernel
+chunk by chunk (progress and cancel checks between chunks), score, store artifacts.
+
+Jobs are enqueued by string reference (``"workers.jobs.run_attack"``) with the JSON serializer.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from redis import Redis
+from rq import get_current_job
+from rq.job import Job
+
+from models.datasets import load_split
+from models.manifest import CardIndex, ModelCard
+from models.store import BlobStore, FileStore
+from workers.artifacts import csv_bytes, grid_png, npy_bytes
+from workers.attacks.base import project
+from workers.attacks.catalog import KERNELS
+from workers.cache import ModelCache, UnknownModelError, pick_device
+from workers.classifier import Classifier
+from workers.errors import CANCEL_KEY, InvalidJob, JobCanceled, JobFailure
+from workers.scores import evaluate, quantize, summarize
+from workers.settings import WorkerSettings
+from workers.specs import AttackJob, DeepFoolParams, PredictJob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What a worker process keeps between jobs."""
+
+    settings: WorkerSettings
+    store: BlobStore
+    cache: ModelCache
+
+
+_context: Context | None = None
+
+
+def make_context(settings: WorkerSettings) -> Context:
+    index = CardIndex.default([settings.models_root])
+    device = pick_device(settings.device)
+    cache = ModelCache(index, device, settings.model_cache_size,
+                       settings.var_dir / "batch_sizes.json")
+    return Context(settings, FileStore(settings.blob_root), cache)
+
+
+def install_context(context: Context) -> None:
+    global _context
+    _context = context
+
+
+def context() -> Context:
+    global _context
+    if _context is None:
+        _context = make_context(WorkerSettings())
+    return _context
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _fail_meta(job: Job | None, exc: BaseException) -> None:
+    if job is None:
+        return
+    if isinstance(exc, JobFailure):
+        job.meta["error"] = {"code": exc.code, "message": exc.message}
+    else:
+        job.meta["error"] = {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+    job.save_meta()
+
+
+def _check_cancel(job: Job | None) -> None:
+    if job is not None and job.connection.exists(CANCEL_KEY.format(job.id)):
+        raise JobCanceled("canceled by the client")
+
+
+def _progress(job: Job | None, value: float, **extra: Any) -> None:
+    if job is None:
+        return
+    job.meta["progress"] = round(value, 4)
+    job.meta.update(extra)
+    job.save_meta()
+
+
+def load_inputs(spec: AttackJob, store: BlobStore, data_dir: str | None) -> tuple[
+    np.ndarray, np.ndarray | None
+]:
+    ref = spec.inputs
+    if ref.kind == "dataset":
+        assert ref.dataset is not None
+        x, y = load_split(ref.dataset, data_dir).slice(ref.offset, ref.n)
+        if x.shape[0] != ref.n:
+            raise InvalidJob(f"expected {ref.n} samples from {ref.dataset}, got {x.shape[0]}")
+        return x, y
+    assert ref.key is not None
+    with np.load(io.BytesIO(store.get(ref.key)), allow_pickle=False) as data:
+        x_blob = data["x"].astype(np.float32, copy=False)
+        y_blob = data["y"].astype(np.int64) if "y" in data.files else None
+    return x_blob, y_blob
+
+
+def choose_targets(
+    attack: Any, clean_logits: torch.Tensor, y: torch.Tensor, num_classes: int,
+    generator: torch.Generator,
+) -> torch.Tensor | None:
+    """Per-sample target classes of a targeted attack (given, random != y, or least likely)."""
+    if not getattr(attack, "targeted", False):
+        return None
+    if attack.targets is not None:
+        return torch.tensor(attack.targets, dtype=torch.int64, device=y.device)
+    if attack.target_mode == "least-likely":
+        return clean_logits.argmin(dim=1)
+    shift = torch.randint(1, num_classes, y.shape, generator=generator, device=y.device)
+    return (y + shift) % num_classes
+
+
+def kernel_spec(attack: Any) -> tuple[Any, Any]:
+    kernel, spec_cls = KERNELS[attack.name]
+    fields = {f.name for f in dataclasses.fields(spec_cls)}
+    return kernel, spec_cls(**{k: v for k, v in attack.model_dump().items() if k in fields})
+
+
+# --- attack ----------------------------------------------------------------------------------
+
+
+def run_attack(payload: dict[str, Any]) -> dict[str, Any]:
+    """RQ job: run one attack over the job's inputs and return the scores summary."""
+    job = get_current_job()
+    try:
+        return _run_attack(payload, job)
+    except BaseException as exc:
+        _fail_meta(job, exc)
+        raise
+
+
+def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        spec = AttackJob.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidJob(f"invalid job payload: {exc}") from exc
+    ctx = context()
+    try:
+        card, model = ctx.cache.get(spec.model)
+    except UnknownModelError as exc:
+        raise JobFailure(str(exc), "unknown-model") from exc
+    device = model.device
+    x_np, y_np = load_inputs(spec, ctx.store, ctx.settings.data_dir)
+    x = torch.from_numpy(x_np).to(device)
+    batch_size = spec.batch_size or ctx.cache.batch_size(card, model)
+    model.reset_counters()
+    clean_logits = model.predict(x, batch_size)
+    clean_pred = clean_logits.argmax(dim=1)
+    labels_given = y_np is not None
+    y = torch.from_numpy(y_np).to(device) if y_np is not None else clean_pred.clone()
+    generator = torch.Generator(device=device).manual_seed(spec.seed)
+    targets = choose_targets(spec.attack, clean_logits, y, card.num_classes, generator)
+    kernel, kspec = kernel_spec(spec.attack)
+    log.info("%s: %s on %s, %d inputs, chunks of %d", spec.job_id, spec.attack.name, card.ref,
+             x.shape[0], batch_size)
+
+    x_adv = torch.empty_like(x)
+    queries = torch.zeros(x.shape[0], dtype=torch.int64, device=device)
+    gradients = torch.zeros_like(queries)
+    for start in range(0, x.shape[0], batch_size):
+        _check_cancel(job)
+        stop = min(start + batch_size, x.shape[0])
+        chunk_targets = targets[start:stop] if targets is not None else None
+        out = kernel(model, x[start:stop], y[start:stop], kspec, targets=chunk_targets,
+                     generator=generator)
+        x_adv[start:stop] = out.x_adv
+        queries[start:stop] = out.queries
+        gradients[start:stop] = out.gradients
+        _progress(job, stop / x.shape[0], processed=stop)
+        log.info("%s: %d/%d done", spec.job_id, stop, x.shape[0])
+
+    # Never trust the kernel's own loop: project once more and judge on the final tensor.
+    eps = getattr(spec.attack, "eps", None)
+    if eps is not None:
+        x_adv = project(x_adv, x, eps, spec.attack.norm, card.bounds)
+    else:
+        x_adv = x_adv.clamp(*card.bounds)
+    minimal = isinstance(spec.attack, DeepFoolParams)
+    ev = evaluate(model, x, y, x_adv, clean_pred, targets, batch_size)
+    x_q = quantize(x_adv, card.bounds)
+    ev_q = evaluate(model, x, y, x_q, clean_pred, targets, batch_size)
+    scores = summarize(ev, y, clean_pred, labels_given, minimal)
+    scores["gradient_calls"] = float(gradients.float().mean())
+    scores["queries"] = float(queries.float().mean())
+    scores["quantized"] = summarize(ev_q, y, clean_pred, labels_given, minimal)
+
+    artifacts = _write_artifacts(ctx.store, spec.job_id, card, x, y, x_adv, clean_pred, targets,
+                                 ev, ev_q, queries, gradients)
+    return {
+        "scores": scores,
+        "artifacts": artifacts,
+        "attack": spec.attack.model_dump(),
+        "model": card.ref,
+        "seed": spec.seed,
+        "batch_size": batch_size,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _write_artifacts(
+    store: BlobStore, job_id: str, card: ModelCard, x: torch.Tensor, y: torch.Tensor,
+    x_adv: torch.Tensor, clean_pred: torch.Tensor, targets: torch.Tensor | None, ev: Any,
+    ev_q: Any, queries: torch.Tensor, gradients: torch.Tensor,
+) -> list[str]:
+    x_np, adv_np = x.cpu().numpy(), x_adv.cpu().numpy()
+    files = {
+        "adversarial.npy": npy_bytes(adv_np.astype(np.float32)),
+        "grid.png": grid_png(x_np, adv_np, card.bounds),
+    }
+    header = ["index", "label", "target", "clean_pred", "adv_pred", "success", "quantized_pred",
+              "quantized_success", "linf", "l2", "l0", "confidence", "queries", "gradients"]
+    cols = [y, targets if targets is not None else torch.full_like(y, -1), clean_pred,
+            ev.adv_pred, ev.success, ev_q.adv_pred, ev_q.success, ev.linf, ev.l2, ev.l0,
+            ev.confidence, queries, gradients]
+    lists = [c.cpu().tolist() for c in cols]
+    rows = []
+    for i in range(x.shape[0]):
+        row: list[object] = [i]
+        for values in lists:
+            value = values[i]
+            row.append(f"{value:.6g}" if isinstance(value, float) else int(value))
+        rows.append(row)
+    files["samples.csv"] = csv_bytes(header, rows)
+    for name, data in files.items():
+        store.put(f"jobs/{job_id}/{name}", data)
+    return list(files)
+
+
+# --- predict ---------------------------------------------------------------------------------
+
+
+def run_predict(payload: dict[str, Any]) -> dict[str, Any]:
+    """RQ job on the high-priority queue: logits for a small batch."""
+    job = get_current_job()
+    try:
+        spec = PredictJob.model_validate(payload)
+        ctx = context()
+        try:
+            card, model = ctx.cache.get(spec.model)
+        except UnknownModelError as exc:
+            raise JobFailure(str(exc), "unknown-model") from exc
+        array = np.load(io.BytesIO(base64.b64decode(spec.array)), allow_pickle=False)
+        x = torch.from_numpy(array.astype(np.float32, copy=False)).to(model.device)
+        logits = model.predict(x, 256)
+        return {
+            "model": card.ref,
+            "logits": logits.cpu().tolist(),
+            "probabilities": logits.softmax(dim=1).cpu().tolist(),
+            "labels": logits.argmax(dim=1).cpu().tolist(),
+        }
+    except BaseException as exc:
+        _fail_meta(job, exc)
+        raise
+
+
+def classifier_for(ref: str) -> tuple[ModelCard, Classifier]:
+    """The warm handle of a registered model in this process (for benchmarks and tools)."""
+    return context().cache.get(ref)
+
+
+def redis_connection(url: str) -> Redis:
+    return Redis.from_url(url)

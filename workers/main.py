@@ -1,0 +1,49 @@
+"""Worker entry point: settings, device, determinism, warm model cache, a non-forking RQ worker.
+
+RQ's default worker forks per job; CUDA does not survive a fork and reloading weights per job
+wastes seconds, so Adversa runs ``SimpleWorker`` (the job runs in the worker process itself) with
+an LRU of loaded models. ``SimpleWorker`` sends no heartbeat during a job, so every job carries a
+``job_timeout``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import sys
+
+import torch
+from redis import Redis
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from workers.jobs import install_context, make_context
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, so no worker outlives `serve`."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def run_worker(settings: WorkerSettings, *, burst: bool = False, name: str | None = None) -> bool:
+    """Serve the configured queues (``predict`` first) until stopped; returns RQ's ``work`` result."""
+    if not settings.redis_url:
+        raise SystemExit("REDIS_URL is not set: expected the Redis the gateway uses")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    context = make_context(settings)
+    install_context(context)
+    log.info("worker on %s, registry %s", context.cache.device,
+             [str(r) for r in context.cache.index.roots])
+    connection = Redis.from_url(settings.redis_url)
+    queues = [Queue(settings.queue_name(q), connection=connection, serializer=JSONSerializer)
+              for q in settings.queues]
+    worker = SimpleWorker(queues, connection=connection, serializer=JSONSerializer, name=name)
+    return bool(worker.work(burst=burst, with_scheduler=False))

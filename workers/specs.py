@@ -1,0 +1,225 @@
+"""Job specs and results shared by the gateway and the workers: pydantic, torch-free.
+
+The HTTP request bodies (``AttackRequest``, ``InferRequest``) and the job payloads the gateway puts
+on the queue (``AttackJob``, ``PredictJob``) are defined here once; the worker validates the payload
+again (the queue is a trust boundary too) and converts it to kernel dataclasses in ``jobs.py``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+MAX_STEPS = 10_000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+
+# --- attack parameters (discriminated on ``name``) -------------------------------------------
+
+
+class Targeting(Strict):
+    targeted: bool = Field(default=False, description="reach a chosen class instead of any wrong one")
+    targets: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, description="one target class per input (targeted only)"
+    )
+    target_mode: Literal["random", "least-likely"] | None = Field(
+        default=None, description="how to choose targets when none are given (targeted only)"
+    )
+
+    @model_validator(mode="after")
+    def _targets(self) -> Targeting:
+        if self.targeted and (self.targets is None) == (self.target_mode is None):
+            raise ValueError("targeted attacks expect exactly one of targets or target_mode")
+        if not self.targeted and (self.targets is not None or self.target_mode is not None):
+            raise ValueError("targets and target_mode expect targeted=true")
+        return self
+
+
+class FGSMParams(Targeting):
+    """Fast Gradient Sign Method (Goodfellow et al. 2015): one step of size ``eps``."""
+
+    name: Literal["fgsm"]
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(gt=0, description="perturbation budget in input units of `norm`")
+
+
+class PGDParams(Targeting):
+    """Projected gradient descent (Madry et al. 2018) with random start, restarts, early stop."""
+
+    name: Literal["pgd"]
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(gt=0, description="perturbation budget in input units of `norm`")
+    steps: int = Field(default=20, ge=1, le=MAX_STEPS)
+    step_size: float | None = Field(
+        default=None, gt=0, description="input units; default 2.5 * eps / steps"
+    )
+    random_start: bool = True
+    restarts: int = Field(default=1, ge=1, le=100)
+    early_stop: bool = Field(default=True, description="keep the first successful iterate")
+
+
+class DeepFoolParams(Strict):
+    """DeepFool (Moosavi-Dezfooli et al. 2016): minimal perturbation, untargeted."""
+
+    name: Literal["deepfool"]
+    norm: Literal["l2", "linf"] = "l2"
+    overshoot: float = Field(default=0.02, ge=0, le=1)
+    max_iter: int = Field(default=50, ge=1, le=MAX_STEPS)
+    candidates: int = Field(default=10, ge=2, description="classes considered, the true one included")
+
+
+AttackParams = Annotated[FGSMParams | PGDParams | DeepFoolParams, Field(discriminator="name")]
+ATTACK_NAMES = ("fgsm", "pgd", "deepfool")
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+class DatasetInputs(Strict):
+    dataset: str = Field(description="a hosted data set, e.g. fashion-mnist:test")
+    offset: int = Field(default=0, ge=0)
+    limit: int = Field(default=100, ge=1)
+
+
+class ArrayInputs(Strict):
+    array: str = Field(
+        description="base64 of a .npy file: float32 NCHW in [0, 1], or uint8 NHWC (NHW for 1 channel)"
+    )
+    labels: list[Annotated[int, Field(ge=0)]] | None = None
+
+
+class ImageInputs(Strict):
+    images: list[str] = Field(min_length=1, description="base64 PNG or JPEG images")
+    labels: list[Annotated[int, Field(ge=0)]] | None = None
+
+
+def _inputs_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        for key in ("dataset", "array", "images"):
+            if key in value:
+                return key
+    elif isinstance(value, BaseModel):
+        return {DatasetInputs: "dataset", ArrayInputs: "array", ImageInputs: "images"}.get(
+            type(value)
+        )
+    return None
+
+
+Inputs = Annotated[
+    Annotated[DatasetInputs, Tag("dataset")]
+    | Annotated[ArrayInputs, Tag("array")]
+    | Annotated[ImageInputs, Tag("images")],
+    Discriminator(
+        _inputs_kind,
+        custom_error_type="inputs_kind",
+        custom_error_message="expected an object with one of the keys dataset, array or images",
+    ),
+]
+
+
+class AttackRequest(Strict):
+    """``POST /v1/attacks`` body (multipart requests carry it as the ``spec`` field)."""
+
+    model: str = Field(description="registry model, `name` or `name@version`")
+    attack: AttackParams
+    inputs: Inputs | None = Field(
+        default=None, description="inline inputs; omit when uploading files as multipart"
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    batch_size: int | None = Field(default=None, ge=1, le=4096, description="default: tuned per model")
+
+
+# --- job payloads (gateway -> worker) ---------------------------------------------------------
+
+
+class InputRef(Strict):
+    """Where a worker finds a job's inputs: a hosted data-set slice or an ``.npz`` blob
+    (``x`` float32 NCHW in the model's bounds, optional ``y`` int64)."""
+
+    kind: Literal["dataset", "blob"]
+    n: int = Field(ge=1)
+    dataset: str | None = None
+    offset: int = 0
+    key: str | None = None
+    has_labels: bool = True
+
+
+class AttackJob(Strict):
+    job_id: str
+    team: str
+    model: str = Field(description="resolved name@version")
+    attack: AttackParams
+    inputs: InputRef
+    seed: int = Field(ge=0)
+    batch_size: int | None = None
+
+
+class PredictJob(Strict):
+    job_id: str
+    model: str
+    array: str = Field(description="base64 .npy float32 NCHW in the model's bounds")
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+class NormStats(BaseModel):
+    mean: float | None
+    median: float | None
+
+
+class Scores(BaseModel):
+    n: int
+    labels: Literal["given", "predicted"]
+    clean_accuracy: float | None
+    robust_accuracy: float | None
+    success_rate: float | None
+    successes: int
+    perturbation: dict[str, NormStats]
+    rho: float | None
+    confidence: float | None
+    gradient_calls: float
+    queries: float
+
+
+class AttackResult(BaseModel):
+    scores: dict[str, Any]
+    artifacts: list[str]
+    attack: dict[str, Any]
+    model: str
+    seed: int
+    batch_size: int
+    seconds: float
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobView(BaseModel):
+    """What ``GET /v1/jobs/{id}`` answers."""
+
+    id: str
+    kind: str
+    status: JobState
+    progress: float = Field(ge=0, le=1)
+    model: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    result: dict[str, Any] | None = None
+    error: JobError | None = None
