@@ -44,23 +44,28 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             await problem_response(too_large, scope.get("path"))(scope, receive, send)
             return
+        if length is not None:
+            await self.app(scope, receive, send)  # the server enforces the declared length
+            return
+        # No Content-Length (chunked): buffer up to the limit before the app sees anything.
+        messages: list[Message] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise too_large
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                await problem_response(too_large, scope.get("path"))(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited, send)
-        except Problem as exc:
-            if exc is not too_large:
-                raise
-            await problem_response(too_large, scope.get("path"))(scope, receive, send)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:

@@ -1,0 +1,230 @@
+"""End to end: real HTTP to a gateway process, a real Redis, a real worker process."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from models.datasets import load_split
+from tests.conftest import REPO
+
+JOB_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def service(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    Redis.from_url(redis_url).flushdb()
+    var = tmp_path_factory.mktemp("var")
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "ADVERSA_VAR_DIR": str(var),
+           "ADVERSA_PREDICT_TIMEOUT_S": "60", "PYTHONPATH": str(REPO)}
+    logs = var / "logs"
+    logs.mkdir()
+    cli = [sys.executable, "-m", "service.cli"]
+    processes = [
+        subprocess.Popen([*cli, "worker", "--name", "e2e-worker"], env=env, cwd=REPO,
+                         stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT),
+        subprocess.Popen([*cli, "serve", "--port", str(port), "--workers", "0"], env=env,
+                         cwd=REPO, stdout=(logs / "gateway.log").open("wb"),
+                         stderr=subprocess.STDOUT),
+    ]
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            for process in processes:
+                assert process.poll() is None, _logs(logs)
+            assert time.monotonic() < deadline, "service not ready in 120 s\n" + _logs(logs)
+            time.sleep(0.5)
+        yield client
+    finally:
+        client.close()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        Redis.from_url(redis_url).flushdb()
+
+
+def _logs(directory: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(directory.iterdir()))
+
+
+def wait(client: httpx.Client, job_id: str, until: tuple[str, ...] = ("succeeded", "failed",
+                                                                        "canceled")) -> Any:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in until:
+            return job
+        assert time.monotonic() < deadline, f"job stuck: {job}"
+        time.sleep(0.3)
+
+
+def submit(client: httpx.Client, body: dict[str, Any]) -> str:
+    response = client.post("/v1/attacks", json=body)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def test_pgd_job_end_to_end(service: httpx.Client) -> None:
+    job_id = submit(service, {
+        "model": "fmnist-cnn",
+        "attack": {"name": "pgd", "norm": "linf", "eps": 0.1, "steps": 20, "step_size": 0.01},
+        "inputs": {"dataset": "fashion-mnist:test", "offset": 0, "limit": 200},
+        "seed": 0,
+    })
+    job = wait(service, job_id)
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == 1.0 and job["error"] is None
+    scores = job["result"]["scores"]
+    assert scores["n"] == 200 and scores["labels"] == "given"
+    assert scores["clean_accuracy"] >= 0.85
+    assert scores["robust_accuracy"] <= scores["clean_accuracy"] - 0.5
+    assert scores["success_rate"] >= 0.9
+    assert scores["perturbation"]["linf"]["median"] <= 0.1 + 1e-6
+    assert scores["gradient_calls"] > 0 and scores["queries"] >= scores["gradient_calls"]
+    assert scores["quantized"]["robust_accuracy"] <= scores["clean_accuracy"] - 0.5
+    assert set(job["result"]["artifacts"]) == {"adversarial.npy", "grid.png", "samples.csv"}
+
+    adv = np.load(io.BytesIO(service.get(f"/v1/jobs/{job_id}/artifacts/adversarial.npy").content),
+                  allow_pickle=False)
+    x, _ = load_split("fashion-mnist:test").slice(0, 200)
+    assert adv.shape == (200, 1, 28, 28) and adv.dtype == np.float32
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert np.abs(adv - x).max() <= 0.1 + 1e-6
+    grid = service.get(f"/v1/jobs/{job_id}/artifacts/grid.png")
+    assert grid.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(grid.content)) as image:
+        assert image.format == "PNG" and image.width > image.height > 0
+    rows = list(csv.DictReader(io.StringIO(service.get(
+        f"/v1/jobs/{job_id}/artifacts/samples.csv").text)))
+    assert len(rows) == 200
+    assert sum(r["success"] == "1" for r in rows) == round(scores["success_rate"] * sum(
+        r["clean_pred"] == r["label"] for r in rows))
+    assert service.get(f"/v1/jobs/{job_id}/artifacts/../../etc").status_code == 404
+    assert service.get(f"/v1/jobs/{job_id}/artifacts/model.bin").status_code == 404
+
+
+def test_deepfool_job(service: httpx.Client) -> None:
+    job_id = submit(service, {
+        "model": "fmnist-cnn", "attack": {"name": "deepfool"},
+        "inputs": {"dataset": "fashion-mnist:test", "offset": 200, "limit": 100}, "seed": 0,
+    })
+    job = wait(service, job_id)
+    assert job["status"] == "succeeded", job
+    scores = job["result"]["scores"]
+    assert scores["success_rate"] >= 0.99
+    assert 0 < scores["rho"] < 0.5
+    assert scores["robust_accuracy"] <= 0.01
+
+
+def test_targeted_fgsm_on_uploaded_images(service: httpx.Client) -> None:
+    x, y = load_split("fashion-mnist:test").slice(0, 4)
+    files = []
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray((x[i, 0] * 255).round().astype(np.uint8), mode="L").save(buffer, "PNG")
+        files.append(("files", (f"{i}.png", buffer.getvalue(), "image/png")))
+    spec = ('{"model": "fmnist-cnn", "attack": {"name": "fgsm", "eps": 0.2, "targeted": true, '
+            '"target_mode": "least-likely"}, "seed": 3}')
+    response = service.post("/v1/attacks", data={"spec": spec, "labels": str(y.tolist())},
+                            files=files)
+    assert response.status_code == 202, response.text
+    job = wait(service, response.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["result"]["scores"]["n"] == 4
+    rows = list(csv.DictReader(io.StringIO(service.get(
+        f"/v1/jobs/{job['id']}/artifacts/samples.csv").text)))
+    assert all(int(r["target"]) != int(r["label"]) for r in rows)
+
+
+def test_inference(service: httpx.Client) -> None:
+    x, y = load_split("fashion-mnist:test").slice(0, 32)
+    body = {"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}
+    response = service.post("/v2/models/fmnist-cnn/infer", json=body)
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    labels = np.array(outputs["label"]["data"])
+    assert outputs["probabilities"]["shape"] == [32, 10]
+    assert (labels == y).mean() >= 0.8
+    raw = (x[:, 0] * 255).round().astype(np.uint8)[..., None]
+    body = {"inputs": [{"name": "images", "shape": list(raw.shape), "datatype": "UINT8",
+                        "data": raw.ravel().tolist()}]}
+    again = service.post("/v2/models/fmnist-cnn/infer", json=body).json()
+    assert again["outputs"][0]["data"] == outputs["label"]["data"]
+
+
+def test_failing_jobs_end_failed_with_a_code(service: httpx.Client, redis_url: str) -> None:
+    queue = Queue("attacks", connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+    meta = {"kind": "attack", "team": "public", "model": "ghost@1"}
+    ghost = {"job_id": "ghost", "team": "public", "model": "ghost@1",
+             "attack": {"name": "fgsm", "eps": 0.1},
+             "inputs": {"kind": "dataset", "n": 4, "dataset": "fashion-mnist:test"}, "seed": 0}
+    queue.enqueue_call("workers.jobs.run_attack", args=(ghost,), job_id="ghost", meta=meta,
+                       timeout=60)
+    queue.enqueue_call("workers.jobs.run_attack", args=({"nonsense": 1},), job_id="nonsense",
+                       meta=meta, timeout=60)
+    ghost_job = wait(service, "ghost")
+    assert ghost_job["status"] == "failed"
+    assert ghost_job["error"]["code"] == "unknown-model" and "ghost@1" in ghost_job["error"]["message"]
+    nonsense = wait(service, "nonsense")
+    assert nonsense["status"] == "failed" and nonsense["error"]["code"] == "invalid-job"
+    # The worker survived both failures.
+    assert service.get("/readyz").status_code == 200
+
+
+def test_cancel_a_running_job(service: httpx.Client) -> None:
+    job_id = submit(service, {
+        "model": "fmnist-cnn",
+        "attack": {"name": "pgd", "eps": 0.01, "steps": 200, "early_stop": False},
+        "inputs": {"dataset": "fashion-mnist:train", "limit": 10000}, "batch_size": 16,
+    })
+    running = wait(service, job_id, until=("running", "succeeded", "failed", "canceled"))
+    assert running["status"] == "running", running
+    response = service.delete(f"/v1/jobs/{job_id}")
+    assert response.status_code == 202
+    job = wait(service, job_id)
+    assert job["status"] == "canceled", job
+    assert job["error"]["code"] == "canceled" and job["progress"] < 1.0
+    # The worker takes the next job.
+    follow = submit(service, {"model": "fmnist-cnn", "attack": {"name": "fgsm", "eps": 0.1},
+                              "inputs": {"dataset": "fashion-mnist:test", "limit": 8}})
+    assert wait(service, follow)["status"] == "succeeded"
+
+
+def test_gateway_imports_no_torch() -> None:
+    code = ("import sys, service.app, service.cli, service.serve, workers.specs; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
