@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import ValidationError
-from redis import Redis
 from rq import get_current_job
 from rq.job import Job
 
@@ -28,7 +27,6 @@ from workers.artifacts import csv_bytes, grid_png, npy_bytes
 from workers.attacks.base import project
 from workers.attacks.catalog import KERNELS
 from workers.cache import ModelCache, UnknownModelError, pick_device
-from workers.classifier import Classifier
 from workers.errors import CANCEL_KEY, InvalidJob, JobCanceled, JobFailure
 from workers.scores import evaluate, quantize, summarize
 from workers.settings import WorkerSettings
@@ -270,11 +268,3 @@ def run_predict(payload: dict[str, Any]) -> dict[str, Any]:
         _fail_meta(job, exc)
         raise
 
-
-def classifier_for(ref: str) -> tuple[ModelCard, Classifier]:
-    """The warm handle of a registered model in this process (for benchmarks and tools)."""
-    return context().cache.get(ref)
-
-
-def redis_connection(url: str) -> Redis:
-    return Redis.from_url(url)

@@ -65,11 +65,12 @@ def evaluate(
 def _stats(values: torch.Tensor) -> dict[str, float | None]:
     if values.numel() == 0:
         return {"mean": None, "median": None}
+    values = values.double()
     return {"mean": float(values.mean()), "median": float(values.median())}
 
 
 def _mean(values: torch.Tensor) -> float | None:
-    return float(values.float().mean()) if values.numel() else None
+    return float(values.double().mean()) if values.numel() else None
 
 
 def summarize(
