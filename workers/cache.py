@@ -29,12 +29,6 @@ class UnknownModelError(LookupError):
     """No model of that name or version in the registry."""
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 class ModelCache:
     """Loads models from the registry on first use and keeps the ``capacity`` most recent."""
 

@@ -26,7 +26,8 @@ from models.store import BlobStore, FileStore
 from workers.artifacts import csv_bytes, grid_png, npy_bytes
 from workers.attacks.base import project
 from workers.attacks.catalog import KERNELS
-from workers.cache import ModelCache, UnknownModelError, pick_device
+from workers.cache import ModelCache, UnknownModelError
+from workers.device import pick_device
 from workers.errors import CANCEL_KEY, InvalidJob, JobCanceled, JobFailure
 from workers.scores import evaluate, quantize, summarize
 from workers.settings import WorkerSettings

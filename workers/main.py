@@ -13,11 +13,11 @@ import logging
 import signal
 import sys
 
-import torch
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
+from workers.device import configure_numerics
 from workers.jobs import install_context, make_context
 from workers.settings import WorkerSettings
 
@@ -36,8 +36,7 @@ def run_worker(settings: WorkerSettings, *, burst: bool = False, name: str | Non
     """Serve the configured queues (``predict`` first) until stopped; returns RQ's ``work`` result."""
     if not settings.redis_url:
         raise SystemExit("REDIS_URL is not set: expected the Redis the gateway uses")
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    configure_numerics()
     context = make_context(settings)
     install_context(context)
     log.info("worker on %s, registry %s", context.cache.device,

@@ -13,6 +13,9 @@ What differs from the per-image reference loop, and why:
 * the overshoot multiplies the *total* perturbation, every iterate is clipped to the input
   bounds, and success is judged on that clipped point, so a returned sample really is on the
   other side of the boundary instead of on it;
+* box-aware linearisation: pixels already at a bound whose gradient points outwards are left out
+  of ``w_k`` (they cannot move), and the total perturbation is kept feasible, so clipping does not
+  stall the iteration;
 * samples are dropped from the batch as soon as they are fooled (early stop by masking).
 Untargeted only: the method seeks the nearest boundary, whatever class lies behind it.
 """
@@ -116,6 +119,10 @@ def deepfool(
             break
         keep = ~fooled
         idx, y_act, cand, w, logits = idx[keep], y_act[keep], cand[keep], w[:, keep], logits[keep]
+        x_cur = x_cur[keep]
+        # Coordinates pinned at a bound cannot move further out: leave them out of the
+        # linearisation, so the step is spent where it can act.
+        w = w.masked_fill(((x_cur <= lo) & (w < 0)) | ((x_cur >= hi) & (w > 0)), 0.0)
 
         f = (logits.gather(1, cand) - logits.gather(1, y_act[:, None])).abs()  # (n, k-1)
         w_flat = w.flatten(2)  # (k-1, n, D)
@@ -131,6 +138,10 @@ def deepfool(
             step = w_best * per_sample((f_best + 1e-5) / (norm_best**2 + TINY), w_best)
         else:
             step = w_best.sign() * per_sample((f_best + 1e-5) / (norm_best + TINY), w_best)
-        r_total[idx] += step
+        # Keep x + (1 + overshoot) * r_total inside the bounds, so that clipped components do
+        # not pile up in r_total.
+        x_act = x[idx]
+        r_total[idx] = torch.minimum(torch.maximum(r_total[idx] + step, (lo - x_act) / scale),
+                                     (hi - x_act) / scale)
 
     return AttackOutput(x_adv, success, queries, gradients)
