@@ -16,7 +16,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
-from workers.errors import CANCEL_KEY
+from workers.errors import ALIVE_KEY, CANCEL_KEY
 from workers.settings import CommonSettings
 from workers.specs import JobError, JobState, JobView
 
@@ -79,10 +79,18 @@ class Queues:
         self.redis.delete(IDEMPOTENCY_KEY.format(team, hashlib.sha256(key.encode()).hexdigest()))
 
 
+def worker_lost(job: Job) -> bool:
+    """A started job whose worker stopped sending heartbeats (killed, machine gone)."""
+    name = job.worker_name
+    return bool(name) and not job.connection.exists(ALIVE_KEY.format(name))
+
+
 def state_of(job: Job) -> JobState:
-    """RQ status (+ our meta) -> the state users see."""
+    """RQ status (+ our meta and the worker's heartbeat) -> the state users see."""
     status = job.get_status(refresh=False)
     error = job.meta.get("error") or {}
+    if status == JobStatus.STARTED and worker_lost(job):
+        return JobState.failed
     if status in (JobStatus.CANCELED, JobStatus.STOPPED) or error.get("code") == "canceled":
         return JobState.canceled
     if status == JobStatus.FINISHED:
@@ -108,6 +116,9 @@ def view(job: Job) -> JobView:
             error = JobError(code=raw["code"], message=raw["message"])
         elif state == JobState.canceled:
             error = JobError(code="canceled", message="canceled by the client")
+        elif job.get_status(refresh=False) == JobStatus.STARTED:
+            error = JobError(code="worker-lost", message=f"worker {job.worker_name} stopped "
+                             "sending heartbeats while running this job (killed or lost)")
         else:
             error = JobError(code="internal", message="the worker stopped without a result "
                              "(killed or timed out)")

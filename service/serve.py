@@ -75,6 +75,10 @@ def stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(settings: Settings) -> None:
     embedded = None
     redis_url = settings.redis_url
@@ -83,13 +87,18 @@ def serve(settings: Settings) -> None:
         log.info("embedded Redis at %s", redis_url)
     settings = settings.model_copy(update={"redis_url": redis_url})
     workers: list[subprocess.Popen[bytes]] = []
-    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown; the finally block then stops
-    # the workers and the embedded Redis, so nothing is left behind.
+    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown and then raises the signal again
+    # with the handlers it found: these make that a normal exit, so the finally block stops the
+    # workers and the embedded Redis and nothing is left behind.
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    signal.signal(signal.SIGINT, _exit_quietly)
     try:
         workers = start_workers(settings.workers, redis_url)
         config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                                 log_level="info")
         uvicorn.Server(config).run()
+    except SystemExit:
+        pass
     finally:
         stop_workers(workers)
         if embedded is not None:

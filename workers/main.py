@@ -12,12 +12,15 @@ import ctypes
 import logging
 import signal
 import sys
+import threading
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from workers.device import configure_numerics
+from workers.errors import ALIVE_KEY, ALIVE_TTL_S
 from workers.jobs import install_context, make_context
 from workers.settings import WorkerSettings
 
@@ -45,4 +48,23 @@ def run_worker(settings: WorkerSettings, *, burst: bool = False, name: str | Non
     queues = [Queue(settings.queue_name(q), connection=connection, serializer=JSONSerializer)
               for q in settings.queues]
     worker = SimpleWorker(queues, connection=connection, serializer=JSONSerializer, name=name)
-    return bool(worker.work(burst=burst, with_scheduler=False))
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(connection, worker.name, stop), daemon=True)
+    beat.start()
+    try:
+        return bool(worker.work(burst=burst, with_scheduler=False))
+    finally:
+        stop.set()
+        connection.delete(ALIVE_KEY.format(worker.name))
+
+
+def _heartbeat(connection: Redis, name: str, stop: threading.Event) -> None:
+    """Refresh this worker's liveness key while it runs, jobs included: SimpleWorker itself sends
+    no heartbeat during a job, so without this a killed worker's job would look running until its
+    timeout. The gateway reports such a job as failed once the key expires."""
+    while not stop.is_set():
+        try:
+            connection.set(ALIVE_KEY.format(name), 1, ex=ALIVE_TTL_S)
+        except RedisError as exc:
+            log.warning("heartbeat failed: %s", exc)
+        stop.wait(ALIVE_TTL_S / 3)

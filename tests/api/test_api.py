@@ -299,3 +299,21 @@ def test_metrics(client: TestClient) -> None:
     client.get("/healthz")
     text = client.get("/metrics").text
     assert "adversa_requests_total" in text and "adversa_queue_depth" in text
+
+
+def test_job_of_a_lost_worker_is_reported_failed(client: TestClient, redis: Redis) -> None:
+    from rq.job import Job, JobStatus
+
+    from workers.errors import ALIVE_KEY
+
+    job_id = attack(client).json()["id"]
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    job.worker_name = "gone-worker"
+    job.set_status(JobStatus.STARTED)
+    job.save()
+    redis.set(ALIVE_KEY.format("gone-worker"), 1, ex=30)
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+    redis.delete(ALIVE_KEY.format("gone-worker"))
+    body = client.get(f"/v1/jobs/{job_id}").json()
+    assert body["status"] == "failed"
+    assert body["error"]["code"] == "worker-lost" and "gone-worker" in body["error"]["message"]
