@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,11 @@ FB_REPS = 20
 TA_PROBE = 16
 TA_BUDGET_S = 600.0
 SEED = 0
+REPEATS = 3
 
 Kernel = Callable[..., AttackOutput]
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Run:
     batching: str
     x_adv: torch.Tensor
     seconds: float
+    others: float | None  # CPU cores used by other processes during the timed runs (contention)
     gradients: torch.Tensor | None = None  # per-sample gradient calls (adversa only)
     nominal_steps: int | None = None  # torchattacks: gradient steps per image, for the cost ratio
     note: str = ""
@@ -70,6 +74,7 @@ class Row:
     n: int
     seconds: float
     images_per_s: float
+    other_cores: float | None
     attacked: int  # initially-correct images among the n
     success_rate: float
     out_of_bounds: bool
@@ -95,14 +100,18 @@ class Bench:
     model: Classifier  # what our kernels attack
     ta_module: nn.Module  # a second copy of the module for torchattacks
     chunk: int
-    t_fb: float  # median seconds of one forward+backward of a chunk
+    t_fb: float  # median seconds of one forward+backward of a chunk (the lower of the measurements)
+    repeats: int
+    t_fb_measured: tuple[float, ...] = ()  # t_fb measured before and after the attack runs
 
 
 # --- setup ---------------------------------------------------------------------------------------
 
 
-def load(n: int, chunk: int, reps: int) -> Bench:
+def load(n: int, chunk: int, reps: int, repeats: int) -> Bench:
     directory = CardIndex.default().directory(MODEL)
+    if directory is None:
+        raise SystemExit(f"model {MODEL} is not hosted here")
     card, module = load_module(directory)
     _, ta_module = load_module(directory)
     model = Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref)
@@ -113,7 +122,14 @@ def load(n: int, chunk: int, reps: int) -> Bench:
         ta_module(x[:chunk])
         correct = predict(module, x, chunk).eq(y)
     t_fb = time_forward_backward(module, x[:chunk], y[:chunk], reps)
-    return Bench(x, y, correct, module, model, ta_module, chunk, t_fb)
+    return Bench(x, y, correct, module, model, ta_module, chunk, t_fb, repeats, (t_fb,))
+
+
+def remeasure(bench: Bench) -> Bench:
+    """Measure t_fb again after the runs and keep the lower median (less disturbed by contention)."""
+    again = time_forward_backward(bench.judge, bench.x[:bench.chunk], bench.y[:bench.chunk], FB_REPS)
+    measured = (*bench.t_fb_measured, again)
+    return replace(bench, t_fb=min(measured), t_fb_measured=measured)
 
 
 def predict(module: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -139,15 +155,46 @@ def time_forward_backward(module: nn.Module, x: torch.Tensor, y: torch.Tensor, r
 # --- runs ----------------------------------------------------------------------------------------
 
 
+def busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (Linux ``/proc/stat``), else None."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn: Callable[[], T], repeats: int) -> tuple[T, float, float | None]:
+    """``fn()``'s result, its median wall time over ``repeats`` runs, and the mean number of CPU cores
+    other processes kept busy meanwhile (a contention flag: near 0 on a quiet machine)."""
+    times: list[float] = []
+    result = None
+    busy0, cpu0 = busy_seconds(), time.process_time()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    busy1, cpu1 = busy_seconds(), time.process_time()
+    wall = sum(times)
+    others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - (cpu1 - cpu0)) / wall)
+    assert result is not None
+    return result, statistics.median(times), others
+
+
+
 def run_adversa(bench: Bench, attack: str, kernel: Kernel, spec: Any, nominal: int | None) -> Run:
-    generator = torch.Generator().manual_seed(SEED)
-    start = time.perf_counter()
-    outs = [kernel(bench.model, xc, yc, spec, generator=generator)
-            for xc, yc in zip(bench.x.split(bench.chunk), bench.y.split(bench.chunk), strict=True)]
-    x_adv = torch.cat([o.x_adv for o in outs])
-    seconds = time.perf_counter() - start
+
+    def once() -> tuple[torch.Tensor, list[AttackOutput]]:
+        generator = torch.Generator().manual_seed(SEED)
+        outs = [kernel(bench.model, xc, yc, spec, generator=generator)
+                for xc, yc in zip(bench.x.split(bench.chunk), bench.y.split(bench.chunk), strict=True)]
+        return torch.cat([o.x_adv for o in outs]), outs
+
+    (x_adv, outs), seconds, others = timed(once, bench.repeats)
     gradients = torch.cat([o.gradients for o in outs])
-    return Run("adversa", attack, f"chunks of {bench.chunk}", x_adv, seconds, gradients, nominal)
+    return Run("adversa", attack, f"chunks of {bench.chunk}", x_adv, seconds, others, gradients, nominal)
 
 
 def run_torchattacks(bench: Bench, attack: str, make: Callable[[nn.Module], AttackFn], m: int,
@@ -156,12 +203,14 @@ def run_torchattacks(bench: Bench, attack: str, make: Callable[[nn.Module], Atta
     atk = make(bench.ta_module)
     x, y = bench.x[:m], bench.y[:m]
     size = bench.chunk if chunked else m
-    torch.manual_seed(SEED)
-    start = time.perf_counter()
-    x_adv = torch.cat([atk(xc, yc) for xc, yc in zip(x.split(size), y.split(size), strict=True)])
-    seconds = time.perf_counter() - start
+
+    def once() -> torch.Tensor:
+        torch.manual_seed(SEED)
+        return torch.cat([atk(xc, yc) for xc, yc in zip(x.split(size), y.split(size), strict=True)])
+
+    x_adv, seconds, others = timed(once, bench.repeats)
     batching = f"chunks of {bench.chunk}" if chunked else f"one call of {m}"
-    return Run("torchattacks", attack, batching, x_adv.detach(), seconds, None, nominal, note)
+    return Run("torchattacks", attack, batching, x_adv.detach(), seconds, others, None, nominal, note)
 
 
 def torchattacks_makers() -> dict[str, tuple[Callable[[nn.Module], AttackFn], int | None]]:
@@ -241,7 +290,7 @@ def score(bench: Bench, run: Run) -> Row:
     cost, full = ratios(bench, run, m)
     return Row(
         implementation=run.implementation, attack=run.attack, batching=run.batching, n=m,
-        seconds=run.seconds, images_per_s=m / run.seconds, attacked=attacked,
+        seconds=run.seconds, images_per_s=m / run.seconds, other_cores=run.others, attacked=attacked,
         success_rate=int(ok.sum()) / max(attacked, 1), out_of_bounds=violation > 0,
         max_bound_violation=violation, non_finite=not finite,
         median_l2=median_or_none(delta.norm(p=2, dim=1)),
@@ -254,8 +303,9 @@ def score(bench: Bench, run: Run) -> Row:
 
 # --- report --------------------------------------------------------------------------------------
 
-HEADER = ("implementation", "attack", "batching", "n", "seconds", "images/s", "success", "out of [0,1]",
-          "median L2", "median Linf", "success 8-bit", "grads/img", "cost ratio", "full-budget ratio")
+HEADER = ("implementation", "attack", "batching", "n", "seconds", "images/s", "other load", "success",
+          "out of [0,1]", "median L2", "median Linf", "success 8-bit", "grads/img", "cost ratio",
+          "full-budget ratio")
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -270,6 +320,7 @@ def table(rows: list[Row]) -> str:
             oob += ", non-finite"
         n = f"{r.n}*" if r.note else str(r.n)
         cells = (r.implementation, r.attack, r.batching, n, fmt(r.seconds, 2), fmt(r.images_per_s, 1),
+                 fmt(r.other_cores, 2),
                  f"{r.success_rate:.1%}", oob, fmt(r.median_l2), fmt(r.median_linf),
                  f"{r.success_rate_8bit:.1%}", fmt(r.grads_per_image, 2), fmt(r.cost_ratio, 2),
                  fmt(r.full_budget_ratio, 2))
@@ -279,13 +330,18 @@ def table(rows: list[Row]) -> str:
 
 def notes(bench: Bench, rows: list[Row]) -> list[str]:
     out = [
+        f"seconds: median of {bench.repeats} timed run(s), after a warm-up forward. other load: mean number "
+        "of CPU cores that other processes kept busy during the timed runs (from /proc/stat); well above 0 "
+        "means the timing was disturbed by contention.",
         f"Adversa kernels are called in chunks of {bench.chunk} (the worker's way); torchattacks runs "
         f"both as one call on the whole batch and in chunks of {bench.chunk}.",
         "success: fraction of the initially-correct images whose prediction on clip(x_adv, 0, 1) differs "
         "from the label, judged here by the hosted model for every row; success 8-bit: the same after "
         "x_q = round(x_adv * 255) / 255. Median L2 / Linf of (clip(x_adv) - x) over successful images.",
         f"t_fb (median of {FB_REPS} forward+backward of a {min(bench.chunk, len(bench.x))}-image chunk, "
-        f"cross-entropy, gradient w.r.t. the input) = {bench.t_fb * 1e3:.2f} ms.",
+        f"cross-entropy, gradient w.r.t. the input) = {bench.t_fb * 1e3:.2f} ms: the lower of the medians "
+        "measured before and after the attack runs ("
+        + ", ".join(f"{t * 1e3:.2f}" for t in bench.t_fb_measured) + " ms).",
         "cost ratio (adversa) = attack seconds / ((sum of per-sample gradient calls / chunk) x t_fb). "
         "For DeepFool the 9 candidate-class VJPs of one iteration share one forward pass, so each counts "
         "as a gradient call here and the ideal time is overstated (the ratio is flattering).",
@@ -312,8 +368,10 @@ def metadata(bench: Bench, args: argparse.Namespace, wall: float) -> dict[str, A
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "n": len(bench.x), "chunk": bench.chunk, "clean_accuracy": float(bench.correct.float().mean()),
-        "t_fb_seconds": bench.t_fb, "fb_reps": FB_REPS, "wall_seconds": wall,
-        "skip_torchattacks": args.skip_torchattacks,
+        "t_fb_seconds": bench.t_fb, "t_fb_measured": list(bench.t_fb_measured), "fb_reps": FB_REPS,
+        "wall_seconds": wall,
+        "skip_torchattacks": args.skip_torchattacks, "repeats": bench.repeats,
+        "cpu_count": os.cpu_count(),
     }
 
 
@@ -324,7 +382,7 @@ def write(out: Path, meta: dict[str, Any], rows: list[Row], text_table: str, not
         f"# Attack benchmark: {MODEL}", "",
         f"Command: `{COMMAND}`", "",
         f"- date: {meta['date']}",
-        f"- torch {meta['torch']}, CPU, {meta['threads']} threads",
+        f"- torch {meta['torch']}, CPU, {meta['threads']} threads ({meta['cpu_count']} cores)",
         f"- {meta['n']} images of {SPLIT} (clean accuracy {meta['clean_accuracy']:.1%}), "
         f"adversa chunk size {meta['chunk']}",
         f"- total wall time of the benchmark: {meta['wall_seconds']:.0f} s", "",
@@ -341,6 +399,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=512, help="number of test images (default 512)")
     parser.add_argument("--chunk", type=int, default=128, help="chunk size (default 128)")
     parser.add_argument("--skip-torchattacks", action="store_true", help="benchmark adversa only")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per row (median kept)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
     return parser.parse_args(argv)
 
@@ -348,8 +407,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     start = time.perf_counter()
-    bench = load(args.n, args.chunk, FB_REPS)
-    rows = [score(bench, run) for run in all_runs(bench, args.skip_torchattacks)]
+    bench = load(args.n, args.chunk, FB_REPS, args.repeats)
+    runs = all_runs(bench, args.skip_torchattacks)
+    bench = remeasure(bench)
+    rows = [score(bench, run) for run in runs]
     meta = metadata(bench, args, time.perf_counter() - start)
     text_table, note_lines = table(rows), notes(bench, rows)
     print(f"{MODEL}: n={meta['n']}, chunk={meta['chunk']}, torch {meta['torch']}, {meta['threads']} threads, "
