@@ -27,9 +27,10 @@ from workers.artifacts import csv_bytes, grid_png, npy_bytes
 from workers.attacks.base import project
 from workers.attacks.catalog import KERNELS
 from workers.cache import ModelCache, UnknownModelError
+from workers.classifier import Classifier
 from workers.device import pick_device
 from workers.errors import CANCEL_KEY, InvalidJob, JobCanceled, JobFailure
-from workers.scores import evaluate, quantize, summarize
+from workers.scores import Evaluation, evaluate, quantize, summarize
 from workers.settings import WorkerSettings
 from workers.specs import AttackJob, DeepFoolParams, PredictJob
 
@@ -156,20 +157,28 @@ def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
         card, model = ctx.cache.get(spec.model)
     except UnknownModelError as exc:
         raise JobFailure(str(exc), "unknown-model") from exc
+    # Transfer: the attack sees only the surrogate; scores are measured on the target.
+    attacker_card, attacker = card, model
+    if spec.surrogate is not None:
+        try:
+            attacker_card, attacker = ctx.cache.get(spec.surrogate)
+        except UnknownModelError as exc:
+            raise JobFailure(str(exc), "unknown-model") from exc
     device = model.device
     x_np, y_np = load_inputs(spec, ctx.store, ctx.settings.data_dir)
     x = torch.from_numpy(x_np).to(device)
-    batch_size = spec.batch_size or ctx.cache.batch_size(card, model)
-    model.reset_counters()
+    batch_size = spec.batch_size or ctx.cache.batch_size(attacker_card, attacker)
+    attacker.reset_counters()
     clean_logits = model.predict(x, batch_size)
     clean_pred = clean_logits.argmax(dim=1)
+    attacker_logits = clean_logits if attacker is model else attacker.predict(x, batch_size)
     labels_given = y_np is not None
     y = torch.from_numpy(y_np).to(device) if y_np is not None else clean_pred.clone()
     generator = torch.Generator(device=device).manual_seed(spec.seed)
-    targets = choose_targets(spec.attack, clean_logits, y, card.num_classes, generator)
+    targets = choose_targets(spec.attack, attacker_logits, y, card.num_classes, generator)
     kernel, kspec = kernel_spec(spec.attack)
-    log.info("%s: %s on %s, %d inputs, chunks of %d", spec.job_id, spec.attack.name, card.ref,
-             x.shape[0], batch_size)
+    log.info("%s: %s on %s (crafted on %s), %d inputs, chunks of %d", spec.job_id,
+             spec.attack.name, card.ref, attacker_card.ref, x.shape[0], batch_size)
 
     x_adv = torch.empty_like(x)
     queries = torch.zeros(x.shape[0], dtype=torch.int64, device=device)
@@ -178,7 +187,7 @@ def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
         _check_cancel(job)
         stop = min(start + batch_size, x.shape[0])
         chunk_targets = targets[start:stop] if targets is not None else None
-        out = kernel(model, x[start:stop], y[start:stop], kspec, targets=chunk_targets,
+        out = kernel(attacker, x[start:stop], y[start:stop], kspec, targets=chunk_targets,
                      generator=generator)
         x_adv[start:stop] = out.x_adv
         queries[start:stop] = out.queries
@@ -200,6 +209,10 @@ def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
     scores["gradient_calls"] = float(gradients.float().mean())
     scores["queries"] = float(queries.float().mean())
     scores["quantized"] = summarize(ev_q, y, clean_pred, labels_given, minimal)
+    if attacker is not model:
+        scores["transfer"] = transfer_scores(attacker, attacker_card.ref, x, y, x_adv,
+                                             attacker_logits.argmax(dim=1), clean_pred, targets,
+                                             ev, batch_size)
 
     artifacts = _write_artifacts(ctx.store, spec.job_id, card, x, y, x_adv, clean_pred, targets,
                                  ev, ev_q, queries, gradients)
@@ -208,10 +221,33 @@ def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
         "artifacts": artifacts,
         "attack": spec.attack.model_dump(),
         "model": card.ref,
+        "surrogate": attacker_card.ref if attacker is not model else None,
         "seed": spec.seed,
         "batch_size": batch_size,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def transfer_scores(
+    surrogate: Classifier, ref: str, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
+    surrogate_pred: torch.Tensor, clean_pred: torch.Tensor, targets: torch.Tensor | None,
+    ev: Evaluation, batch_size: int,
+) -> dict[str, Any]:
+    """How the examples crafted on the surrogate fare on both models."""
+    on_surrogate = evaluate(surrogate, x, y, x_adv, surrogate_pred, targets, batch_size)
+    crafted = on_surrogate.success & (clean_pred == y)
+    n_crafted = int(crafted.sum())
+    return {
+        "surrogate": ref,
+        "surrogate_success_rate": _rate(on_surrogate.success, surrogate_pred == y),
+        "transferred": int((crafted & ev.success).sum()),
+        "transfer_rate": float((crafted & ev.success).sum()) / n_crafted if n_crafted else None,
+    }
+
+
+def _rate(hits: torch.Tensor, among: torch.Tensor) -> float | None:
+    total = int(among.sum())
+    return float((hits & among).sum()) / total if total else None
 
 
 def _write_artifacts(

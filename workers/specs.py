@@ -83,6 +83,7 @@ class DeepFoolParams(Strict):
 
 AttackParams = Annotated[FGSMParams | PGDParams | DeepFoolParams, Field(discriminator="name")]
 ATTACK_NAMES = ("fgsm", "pgd", "deepfool")
+BLACK_BOX_ATTACKS = frozenset({"square", "hop-skip-jump"})
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -140,6 +141,11 @@ class AttackRequest(Strict):
     )
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     batch_size: int | None = Field(default=None, ge=1, le=4096, description="default: tuned per model")
+    surrogate: str | None = Field(
+        default=None,
+        description="transfer attack: craft on this registry model (white-box attacks only), "
+                    "score on `model`",
+    )
 
 
 # --- job payloads (gateway -> worker) ---------------------------------------------------------
@@ -165,6 +171,7 @@ class AttackJob(Strict):
     inputs: InputRef
     seed: int = Field(ge=0)
     batch_size: int | None = None
+    surrogate: str | None = Field(default=None, description="resolved name@version")
 
 
 class PredictJob(Strict):

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from models.datasets import load_split
-from models.manifest import ModelCard
+from models.manifest import CardIndex, ModelCard
 from service import inputs as inp
 from service.deps import QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
 from service.errors import Problem, invalid, validation_problem
@@ -23,6 +23,7 @@ from service.metrics import JOBS
 from service.queueing import view
 from service.settings import Settings
 from workers.specs import (
+    BLACK_BOX_ATTACKS,
     ArrayInputs,
     AttackJob,
     AttackRequest,
@@ -97,6 +98,26 @@ def check_attack(request: AttackRequest, card: ModelCard, n: int, labels: np.nda
             if same.size:
                 raise invalid("attack.targets", f"expected a target different from the label, "
                                                 f"got targets[{same[0]}] == label {labels[same[0]]}")
+
+
+def check_surrogate(request: AttackRequest, card: ModelCard, index: CardIndex,
+                    team: str) -> ModelCard | None:
+    """A transfer attack's surrogate: visible, white-box attack, same inputs and classes."""
+    if request.surrogate is None:
+        return None
+    if request.attack.name in BLACK_BOX_ATTACKS:
+        raise invalid("surrogate", f"expected a white-box attack for a transfer attack, got "
+                                   f"{request.attack.name} (it queries the target directly)")
+    surrogate = index.card(request.surrogate)
+    if surrogate is None or (surrogate.team is not None and surrogate.team != team):
+        raise Problem(404, f"surrogate: expected a registered model name, got {request.surrogate!r}",
+                      field="surrogate", code="unknown-model")
+    for what in ("input_shape", "bounds", "num_classes"):
+        if getattr(surrogate, what) != getattr(card, what):
+            raise invalid("surrogate", f"expected the same {what} as {card.ref} "
+                                       f"({getattr(card, what)}), got {getattr(surrogate, what)} "
+                                       f"for {surrogate.ref}")
+    return surrogate
 
 
 async def _parse(request: Request) -> tuple[AttackRequest, list[tuple[str, bytes]] | None,
@@ -184,10 +205,12 @@ async def create_attack(request: Request, response: Response, settings: Settings
         ref = InputRef(kind="dataset", n=n, dataset=parsed.inputs.dataset,
                        offset=parsed.inputs.offset)
     check_attack(parsed, card, n, label_array, settings)
+    surrogate = check_surrogate(parsed, card, index, team)
 
     seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**31)
     job = AttackJob(job_id=job_id, team=team, model=card.ref, attack=parsed.attack, inputs=ref,
-                    seed=seed, batch_size=parsed.batch_size)
+                    seed=seed, batch_size=parsed.batch_size,
+                    surrogate=surrogate.ref if surrogate is not None else None)
 
     idem = request.headers.get("idempotency-key")
     if idem:

@@ -317,3 +317,23 @@ def test_job_of_a_lost_worker_is_reported_failed(client: TestClient, redis: Redi
     body = client.get(f"/v1/jobs/{job_id}").json()
     assert body["status"] == "failed"
     assert body["error"]["code"] == "worker-lost" and "gone-worker" in body["error"]["message"]
+
+
+def test_surrogate_checks(client: TestClient, redis: Redis, settings: Settings) -> None:
+    from models.architectures import build
+    from models.manifest import CardIndex
+    from models.registry import sha256_hex, weights_bytes, write_model
+
+    ok = attack(client, surrogate="fmnist-resnet18")
+    assert ok.status_code == 202, ok.text
+    assert queued(redis) == 1
+    assert_problem(attack(client, surrogate="nope"), 404, "surrogate")
+    base = CardIndex.default().card("fmnist-cnn")
+    assert base is not None
+    weights = weights_bytes(build("linear", (1, 8, 8), 10))
+    small = base.model_copy(update={"name": "tiny-8x8", "architecture": "linear",
+                                    "input_shape": (1, 8, 8), "sha256": sha256_hex(weights)})
+    write_model(settings.models_root, small, weights)
+    body = assert_problem(attack(client, surrogate="tiny-8x8"), 422, "surrogate")
+    assert "input_shape" in body["detail"]
+    assert queued(redis) == 1

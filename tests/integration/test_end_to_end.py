@@ -228,3 +228,21 @@ def test_gateway_imports_no_torch() -> None:
     code = ("import sys, service.app, service.cli, service.serve, workers.specs; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_transfer_attack(service: httpx.Client) -> None:
+    job_id = submit(service, {
+        "model": "fmnist-resnet18", "surrogate": "fmnist-cnn",
+        "attack": {"name": "pgd", "eps": 0.15, "steps": 10},
+        "inputs": {"dataset": "fashion-mnist:test", "offset": 300, "limit": 64}, "seed": 0,
+    })
+    job = wait(service, job_id)
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert result["model"] == "fmnist-resnet18@1" and result["surrogate"] == "fmnist-cnn@1"
+    transfer = result["scores"]["transfer"]
+    assert transfer["surrogate"] == "fmnist-cnn@1"
+    assert transfer["surrogate_success_rate"] >= 0.9
+    assert 0 < transfer["transfer_rate"] <= 1
+    # Scores are the target's: transferred examples fool it less often than the surrogate.
+    assert result["scores"]["success_rate"] <= transfer["surrogate_success_rate"]

@@ -22,12 +22,13 @@ def hosted_card() -> ModelCard:
     return card
 
 
-def test_hosted_model_card_and_weights() -> None:
-    card = hosted_card()
-    assert card.ref == "fmnist-cnn@1"
+@pytest.mark.parametrize("name", ["fmnist-cnn", "fmnist-resnet18"])
+def test_hosted_model_card_and_weights(name: str) -> None:
+    card = CardIndex.default().card(name)
+    assert card is not None and card.ref == f"{name}@1"
     assert card.metrics["clean_accuracy"] >= 0.90
     assert card.input_shape == (1, 28, 28) and card.num_classes == 10
-    directory = CardIndex.default().directory("fmnist-cnn")
+    directory = CardIndex.default().directory(name)
     assert directory is not None
     assert sha256_hex((directory / WEIGHTS_FILE).read_bytes()) == card.sha256
     _, module = load_module(directory)
