@@ -20,11 +20,12 @@ TINY = 1e-12
 class AttackOutput:
     """``x_adv`` like ``x``; per-sample ``success`` (bool), ``queries`` and ``gradients`` (int64, ``(N,)``).
 
-    ``success`` is the kernel's own view; callers re-judge it on the returned tensor.
+    ``success`` is the kernel's own view (None where the caller asked it not to evaluate its
+    output); callers re-judge it on the returned tensor.
     """
 
     x_adv: torch.Tensor
-    success: torch.Tensor
+    success: torch.Tensor | None
     queries: torch.Tensor
     gradients: torch.Tensor
 

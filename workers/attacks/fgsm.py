@@ -19,6 +19,7 @@ from workers.attacks.base import (
     check_batch,
     counters,
     goal_reached,
+    per_sample,
     project,
     steepest_direction,
 )
@@ -27,11 +28,16 @@ from workers.classifier import Classifier
 
 @dataclass(frozen=True)
 class FGSMSpec:
-    """``eps``: step length in input units, measured in ``norm`` (``linf`` or ``l2``)."""
+    """``eps``: step length in input units, measured in ``norm`` (``linf`` or ``l2``).
+
+    ``check=False`` skips the forward pass that judges the output (``success`` is then None):
+    FGSM then costs exactly one forward and one backward, for callers that judge it themselves.
+    """
 
     eps: float
     norm: Norm = "linf"
     targeted: bool = False
+    check: bool = True
 
 
 def fgsm(
@@ -67,7 +73,7 @@ def fgsm(
                     spec.norm, model.bounds)
     # Inputs misclassified to start with are returned unchanged (a step could make them right).
     already = logits.argmax(dim=1) != y
-    x_adv[already] = x[already]
-    success = goal_reached(model.logits(x_adv), y, targets, spec.targeted)
+    x_adv = torch.where(per_sample(already, x_adv), x, x_adv)
+    success = goal_reached(model.logits(x_adv), y, targets, spec.targeted) if spec.check else None
     queries, gradients = counters(x)
-    return AttackOutput(x_adv, success, queries + 2, gradients + 1)
+    return AttackOutput(x_adv, success, queries + (2 if spec.check else 1), gradients + 1)
