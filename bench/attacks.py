@@ -1,9 +1,12 @@
-"""Attack benchmark: Adversa's FGSM / PGD / DeepFool kernels against torchattacks on ``fmnist-cnn``.
+"""Attack benchmark: Adversa's FGSM / PGD / DeepFool kernels against torchattacks, ART and Foolbox.
 
-Run with ``make bench`` or ``python -m bench.attacks``; ``--n 64 --out /tmp/benchsmoke`` is a quick
-smoke run. Every returned tensor is judged here, by the same code, whichever library produced it:
-clipped to [0, 1] first (out-of-bounds values are reported), then classified by the hosted model.
-Writes ``attacks-fmnist-cnn.md`` and ``attacks-fmnist-cnn.json`` into ``--out``.
+Run with ``make bench`` or ``python -m bench.attacks [--model fmnist-resnet18]``; ``--n 64 --out
+/tmp/benchsmoke`` is a quick smoke run. The classic per-image DeepFool loop (one backward per class
+per image, as in the original reference code) is a baseline row, unclipped and clipped.
+
+Every returned tensor is judged here, by the same code, whichever library produced it: clipped to
+[0, 1] first (out-of-bounds values are reported), then classified by the hosted model. Writes
+``attacks-<model>.md`` and ``attacks-<model>.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -198,9 +201,10 @@ def run_adversa(bench: Bench, attack: str, kernel: Kernel, spec: Any, nominal: i
 
 
 def run_torchattacks(bench: Bench, attack: str, make: Callable[[nn.Module], AttackFn], m: int,
-                     chunked: bool, nominal: int | None, note: str = "") -> Run:
+                     chunked: bool, nominal: int | None, note: str = "",
+                     implementation: str = "torchattacks", module: nn.Module | None = None) -> Run:
     """Time ``make(module)(x, y)`` on the first ``m`` images, in one call or in chunks."""
-    atk = make(bench.ta_module)
+    atk = make(module if module is not None else bench.ta_module)
     x, y = bench.x[:m], bench.y[:m]
     size = bench.chunk if chunked else m
 
@@ -210,7 +214,7 @@ def run_torchattacks(bench: Bench, attack: str, make: Callable[[nn.Module], Atta
 
     x_adv, seconds, others = timed(once, bench.repeats)
     batching = f"chunks of {bench.chunk}" if chunked else f"one call of {m}"
-    return Run("torchattacks", attack, batching, x_adv.detach(), seconds, others, None, nominal, note)
+    return Run(implementation, attack, batching, x_adv.detach(), seconds, others, None, nominal, note)
 
 
 def torchattacks_makers() -> dict[str, tuple[Callable[[nn.Module], AttackFn], int | None]]:
@@ -235,6 +239,41 @@ def deepfool_subset(bench: Bench, make: Callable[[nn.Module], AttackFn]) -> tupl
         return n, ""
     return bench.chunk, (f"first {bench.chunk} images only: a probe on {probe} images predicted "
                          f"{estimate:.0f} s for {n}")
+
+
+def fresh_module() -> nn.Module:
+    directory = CardIndex.default().directory(MODEL)
+    assert directory is not None
+    return load_module(directory)[1]
+
+
+def peer_runs(bench: Bench, peers: list[str], peer_n: int) -> list[Run]:
+    """ART and Foolbox (in chunks, their usual batching) and the per-image reference DeepFool."""
+    from bench import peers as peer_lib
+
+    runs = []
+    m = min(peer_n, len(bench.x))
+    makers = {}
+    if "art" in peers:
+        makers["art"] = peer_lib.art_makers(EPS, PGD_STEPS, PGD_ALPHA, DF_STEPS, DF_OVERSHOOT, bench.chunk)
+    if "foolbox" in peers:
+        makers["foolbox"] = peer_lib.foolbox_makers(EPS, PGD_STEPS, PGD_ALPHA, DF_STEPS, DF_OVERSHOOT)
+    for name, table_ in makers.items():
+        for attack, (make, nominal) in table_.items():
+            n_rows = m if attack == "DeepFool" else len(bench.x)
+            note = f"first {n_rows} images" if n_rows < len(bench.x) else ""
+            runs.append(run_torchattacks(bench, attack, make, n_rows, True, nominal, note,
+                                         implementation=name, module=fresh_module()))
+    if "reference" in peers:
+        for clip in (False, True):
+            def make(module: nn.Module, clip: bool = clip) -> AttackFn:
+                return lambda x, y: peer_lib.reference_deepfool(module, x, y, overshoot=DF_OVERSHOOT,
+                                                                max_iter=DF_STEPS, clip=clip)
+            runs.append(run_torchattacks(
+                bench, "DeepFool", make, m, False, None,
+                f"classic per-image loop, {'clipped to [0, 1] every iterate' if clip else 'never clipped'}; "
+                f"first {m} images", implementation="reference", module=fresh_module()))
+    return runs
 
 
 def all_runs(bench: Bench, skip_torchattacks: bool) -> list[Run]:
@@ -401,14 +440,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-torchattacks", action="store_true", help="benchmark adversa only")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per row (median kept)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
+    parser.add_argument("--model", default=MODEL, help="hosted model (default fmnist-cnn)")
+    parser.add_argument("--peers", default="art,foolbox,reference",
+                        help="comma-separated extra peers: art, foolbox, reference ('' for none)")
+    parser.add_argument("--peer-n", type=int, default=128,
+                        help="images for the slow rows: the per-image reference and peers' DeepFool")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    global MODEL
+    MODEL = args.model
     start = time.perf_counter()
     bench = load(args.n, args.chunk, FB_REPS, args.repeats)
     runs = all_runs(bench, args.skip_torchattacks)
+    runs += peer_runs(bench, [p for p in args.peers.split(",") if p], args.peer_n)
     bench = remeasure(bench)
     rows = [score(bench, run) for run in runs]
     meta = metadata(bench, args, time.perf_counter() - start)
