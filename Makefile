@@ -25,8 +25,14 @@ lint: install
 models: install data
 	$(BIN)/python -m models.train
 
+# Every peer comparison, on the small CNN (512 images) and on the ResNet-18 (fewer images: it is
+# about 20x slower per image on a CPU). Results and the commands that made them: bench/results/.
+BENCH_MODULES := attacks apgd cw jsma blackbox
+RESNET_N ?= 64
 bench: install data $(BENCH_STAMP)
-	$(BIN)/python -m bench.attacks
+	set -e; for m in $(BENCH_MODULES); do $(BIN)/python -m bench.$$m; done
+	set -e; for m in $(BENCH_MODULES); do \
+		ADVERSA_BENCH_MODEL=fmnist-resnet18 $(BIN)/python -m bench.$$m --n $(RESNET_N) --peer-n 16; done
 
 install: $(STAMP)
 

@@ -35,7 +35,7 @@ from workers.attacks.fgsm import FGSMSpec, fgsm
 from workers.attacks.pgd import PGDSpec, pgd
 from workers.classifier import Classifier
 
-MODEL = "fmnist-cnn"
+MODEL = os.environ.get("ADVERSA_BENCH_MODEL", "fmnist-cnn")  # every bench module reads it
 SPLIT = "fashion-mnist:test"
 COMMAND = "make bench  (= .venv/bin/python -m bench.attacks)"
 EPS = 0.1

@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from workers.specs import ATTACK_NAMES
+
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
 TITLES = {
@@ -95,7 +97,7 @@ def validation_problem(errors: list[Any], prefix: tuple[str, ...] = ()) -> Probl
                    code="invalid-request", errors=items)
 
 
-_TAGS = {"fgsm", "pgd", "deepfool", "dataset", "array", "images"}
+_TAGS = {*ATTACK_NAMES, "dataset", "array", "images"}
 
 
 def install(app: FastAPI) -> None:

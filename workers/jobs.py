@@ -32,7 +32,7 @@ from workers.device import pick_device
 from workers.errors import CANCEL_KEY, InvalidJob, JobCanceled, JobFailure
 from workers.scores import Evaluation, evaluate, quantize, summarize
 from workers.settings import WorkerSettings
-from workers.specs import AttackJob, DeepFoolParams, PredictJob
+from workers.specs import MINIMAL_ATTACKS, AttackJob, PredictJob
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,10 @@ def choose_targets(
 def kernel_spec(attack: Any) -> tuple[Any, Any]:
     kernel, spec_cls = KERNELS[attack.name]
     fields = {f.name for f in dataclasses.fields(spec_cls)}
-    return kernel, spec_cls(**{k: v for k, v in attack.model_dump().items() if k in fields})
+    values = {k: v for k, v in attack.model_dump().items() if k in fields}
+    if "check" in fields:
+        values["check"] = False  # the job judges every output itself
+    return kernel, spec_cls(**values)
 
 
 # --- attack ----------------------------------------------------------------------------------
@@ -198,10 +201,10 @@ def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
     # Never trust the kernel's own loop: project once more and judge on the final tensor.
     eps = getattr(spec.attack, "eps", None)
     if eps is not None:
-        x_adv = project(x_adv, x, eps, spec.attack.norm, card.bounds)
+        x_adv = project(x_adv, x, eps, getattr(spec.attack, "norm", "linf"), card.bounds)
     else:
         x_adv = x_adv.clamp(*card.bounds)
-    minimal = isinstance(spec.attack, DeepFoolParams)
+    minimal = spec.attack.name in MINIMAL_ATTACKS
     ev = evaluate(model, x, y, x_adv, clean_pred, targets, batch_size)
     x_q = quantize(x_adv, card.bounds)
     ev_q = evaluate(model, x, y, x_q, clean_pred, targets, batch_size)

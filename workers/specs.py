@@ -79,11 +79,109 @@ class DeepFoolParams(Strict):
     overshoot: float = Field(default=0.02, ge=0, le=1)
     max_iter: int = Field(default=50, ge=1, le=MAX_STEPS)
     candidates: int = Field(default=10, ge=2, description="classes considered, the true one included")
+    refine_candidates: int | None = Field(
+        default=3, ge=1, description="after the first iteration, follow only this many nearest "
+                                     "boundaries (null: all candidates every iteration)")
 
 
-AttackParams = Annotated[FGSMParams | PGDParams | DeepFoolParams, Field(discriminator="name")]
-ATTACK_NAMES = ("fgsm", "pgd", "deepfool")
+class MIFGSMParams(Targeting):
+    """Momentum iterative FGSM (Dong et al. 2018)."""
+
+    name: Literal["mi-fgsm"]
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(gt=0, description="perturbation budget in input units of `norm`")
+    steps: int = Field(default=10, ge=1, le=MAX_STEPS)
+    step_size: float | None = Field(default=None, gt=0, description="input units; default eps / steps")
+    decay: float = Field(default=1.0, ge=0, le=10, description="momentum decay factor mu")
+    random_start: bool = False
+    early_stop: bool = True
+
+
+class CarliniWagnerL2Params(Targeting):
+    """Carlini & Wagner L2 (2017) with a batched binary search over the constant c."""
+
+    name: Literal["carlini-wagner-l2"]
+    binary_search_steps: int = Field(default=9, ge=1, le=30)
+    max_iter: int = Field(default=100, ge=1, le=MAX_STEPS, description="optimizer steps per search step")
+    learning_rate: float = Field(default=0.01, gt=0, le=10)
+    initial_const: float = Field(default=0.01, gt=0, le=1e6)
+    confidence: float = Field(default=0.0, ge=0, le=1e4, description="margin kappa on the logits")
+    abort_early: bool = True
+
+
+class JSMAParams(Targeting):
+    """Jacobian-based saliency map attack (Papernot et al. 2016), L0."""
+
+    name: Literal["jsma"]
+    theta: float = Field(default=1.0, ge=-1, le=1, description="change per chosen feature, "
+                                                               "as a fraction of the bounds' range")
+    gamma: float = Field(default=0.1, gt=0, le=1, description="largest fraction of features changed")
+    space: Literal["probabilities", "logits"] = "probabilities"
+
+    @model_validator(mode="after")
+    def _theta(self) -> JSMAParams:
+        if self.theta == 0:
+            raise ValueError("theta: expected a non-zero change per feature")
+        return self
+
+
+class APGDParams(Strict):
+    """APGD with the cross-entropy loss (Croce & Hein 2020), untargeted."""
+
+    name: Literal["apgd-ce"]
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(gt=0, description="perturbation budget in input units of `norm`")
+    steps: int = Field(default=100, ge=1, le=MAX_STEPS)
+    restarts: int = Field(default=1, ge=1, le=100)
+    rho: float = Field(default=0.75, gt=0, lt=1, description="step-size halving condition")
+    early_stop: bool = True
+
+
+class APGDTParams(Targeting):
+    """APGD with the targeted DLR loss over the top wrong classes (Croce & Hein 2020)."""
+
+    name: Literal["apgd-t"]
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(gt=0, description="perturbation budget in input units of `norm`")
+    steps: int = Field(default=100, ge=1, le=MAX_STEPS)
+    restarts: int = Field(default=1, ge=1, le=100)
+    n_target_classes: int = Field(default=9, ge=1, description="wrong classes tried, most likely first")
+    rho: float = Field(default=0.75, gt=0, lt=1)
+    early_stop: bool = True
+
+
+class SquareParams(Targeting):
+    """Square attack (Andriushchenko et al. 2020): score-based random search."""
+
+    name: Literal["square"]
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(gt=0, description="perturbation budget in input units of `norm`")
+    max_queries: int = Field(default=5000, ge=1, description="model queries per image")
+    p_init: float | None = Field(default=None, gt=0, le=1, description="initial square fraction")
+    early_stop: bool = True
+
+
+class HopSkipJumpParams(Targeting):
+    """HopSkipJump (Chen et al. 2020): decision-based, minimal perturbation."""
+
+    name: Literal["hop-skip-jump"]
+    norm: Literal["l2", "linf"] = "l2"
+    max_queries: int = Field(default=5000, ge=1, description="model queries per image")
+    steps: int = Field(default=40, ge=1, le=MAX_STEPS)
+    initial_num_evals: int = Field(default=100, ge=1, le=100_000)
+    max_num_evals: int = Field(default=10_000, ge=1, le=1_000_000)
+    gamma: float = Field(default=1.0, gt=0, le=1e3)
+
+
+AttackParams = Annotated[
+    FGSMParams | PGDParams | DeepFoolParams | MIFGSMParams | CarliniWagnerL2Params | JSMAParams
+    | APGDParams | APGDTParams | SquareParams | HopSkipJumpParams,
+    Field(discriminator="name"),
+]
+ATTACK_NAMES = ("fgsm", "pgd", "deepfool", "mi-fgsm", "carlini-wagner-l2", "jsma", "apgd-ce",
+                "apgd-t", "square", "hop-skip-jump")
 BLACK_BOX_ATTACKS = frozenset({"square", "hop-skip-jump"})
+MINIMAL_ATTACKS = frozenset({"deepfool", "carlini-wagner-l2", "hop-skip-jump", "jsma"})
 
 
 # --- inputs ----------------------------------------------------------------------------------

@@ -24,11 +24,14 @@ from service.queueing import view
 from service.settings import Settings
 from workers.specs import (
     BLACK_BOX_ATTACKS,
+    APGDTParams,
     ArrayInputs,
     AttackJob,
     AttackRequest,
+    CarliniWagnerL2Params,
     DatasetInputs,
     DeepFoolParams,
+    HopSkipJumpParams,
     ImageInputs,
     InputRef,
     JobView,
@@ -69,14 +72,36 @@ def check_attack(request: AttackRequest, card: ModelCard, n: int, labels: np.nda
     attack = request.attack
     eps = getattr(attack, "eps", None)
     if eps is not None:
-        limit = inp.max_eps(card, attack.norm)
+        norm = getattr(attack, "norm", "linf")
+        limit = inp.max_eps(card, norm)
         if eps > limit:
-            raise invalid("attack.eps", f"expected 0 < eps <= {limit:g} for norm {attack.norm} "
+            raise invalid("attack.eps", f"expected 0 < eps <= {limit:g} for norm {norm} "
                                         f"on inputs in {list(card.bounds)}, got {eps:g}")
     steps = getattr(attack, "steps", None)
-    if steps is not None and steps * getattr(attack, "restarts", 1) > settings.max_steps:
-        raise invalid("attack.steps", f"expected steps x restarts <= {settings.max_steps}, "
-                                      f"got {steps * getattr(attack, 'restarts', 1)}")
+    if steps is not None:
+        total = steps * getattr(attack, "restarts", 1) * getattr(attack, "n_target_classes", 1)
+        if total > settings.max_steps:
+            raise invalid("attack.steps", f"expected steps x restarts (x target classes) <= "
+                                          f"{settings.max_steps}, got {total}")
+    if isinstance(attack, CarliniWagnerL2Params):
+        total = attack.binary_search_steps * attack.max_iter
+        if total > settings.max_steps:
+            raise invalid("attack.max_iter", f"expected binary_search_steps x max_iter <= "
+                                             f"{settings.max_steps}, got {total}")
+    max_queries = getattr(attack, "max_queries", None)
+    if max_queries is not None and max_queries > settings.max_queries:
+        raise invalid("attack.max_queries", f"expected at most {settings.max_queries} queries "
+                                            f"per image, got {max_queries}")
+    if isinstance(attack, HopSkipJumpParams) and attack.initial_num_evals > attack.max_num_evals:
+        raise invalid("attack.initial_num_evals", f"expected at most max_num_evals "
+                                                  f"({attack.max_num_evals}), got {attack.initial_num_evals}")
+    if isinstance(attack, APGDTParams):
+        if card.num_classes < 4:
+            raise invalid("attack.name", f"expected a model with at least 4 classes for the "
+                                         f"targeted DLR loss, got {card.num_classes}")
+        if attack.n_target_classes > card.num_classes - 1:
+            raise invalid("attack.n_target_classes", f"expected at most {card.num_classes - 1}, "
+                                                      f"got {attack.n_target_classes}")
     if isinstance(attack, DeepFoolParams):
         if attack.max_iter > settings.max_steps:
             raise invalid("attack.max_iter", f"expected at most {settings.max_steps}, "

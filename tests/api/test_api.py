@@ -92,6 +92,28 @@ def test_attack_is_accepted_with_location(client: TestClient, redis: Redis) -> N
     assert_problem(client.get(f"/v1/jobs/{job['id']}/artifacts/grid.png"), 409)
 
 
+ATTACKS_WITH_DEFAULTS = [
+    {"name": "fgsm", "eps": 0.1},
+    {"name": "pgd", "eps": 0.1},
+    {"name": "deepfool"},
+    {"name": "mi-fgsm", "eps": 0.1},
+    {"name": "carlini-wagner-l2"},
+    {"name": "jsma", "targeted": True, "target_mode": "random"},
+    {"name": "apgd-ce", "eps": 0.1},
+    {"name": "apgd-t", "eps": 0.1},
+    {"name": "square", "eps": 0.1, "norm": "l2"},
+    {"name": "hop-skip-jump", "targeted": True, "target_mode": "least-likely"},
+]
+
+
+@pytest.mark.parametrize("spec", ATTACKS_WITH_DEFAULTS, ids=[a["name"] for a in ATTACKS_WITH_DEFAULTS])
+def test_every_attack_is_accepted_with_its_defaults(client: TestClient, redis: Redis,
+                                                    spec: dict[str, Any]) -> None:
+    response = attack(client, attack=spec)
+    assert response.status_code == 202, response.text
+    assert queued(redis) == 1
+
+
 def test_inline_array_and_images_are_accepted(client: TestClient, redis: Redis) -> None:
     x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
     assert attack(client, inputs={"array": npy_b64(x), "labels": [0, 1, 2]}).status_code == 202
@@ -151,6 +173,25 @@ BAD_ATTACKS: list[tuple[str, dict[str, Any], int, str]] = [
     ("no inputs", {"inputs": None}, 422, "inputs"),
     ("inputs of unknown kind", {"inputs": {"url": "x"}}, 422, "inputs"),
     ("negative seed", {"seed": -1}, 422, "seed"),
+    ("mi-fgsm negative eps", {"attack": {"name": "mi-fgsm", "eps": -0.1}}, 422, "attack.eps"),
+    ("apgd-ce is untargeted", {"attack": {"name": "apgd-ce", "eps": 0.1, "targeted": True}}, 422,
+     "attack.targeted"),
+    ("apgd-t target classes", {"attack": {"name": "apgd-t", "eps": 0.1, "steps": 10,
+                                          "n_target_classes": 10}}, 422, "attack.n_target_classes"),
+    ("apgd-t budget", {"attack": {"name": "apgd-t", "eps": 0.1, "steps": 200}}, 422, "attack.steps"),
+    ("square query budget", {"attack": {"name": "square", "eps": 0.1, "max_queries": 10**6}}, 422,
+     "attack.max_queries"),
+    ("square eps", {"attack": {"name": "square", "eps": 0.0}}, 422, "attack.eps"),
+    ("hop-skip-jump evals", {"attack": {"name": "hop-skip-jump", "initial_num_evals": 500,
+                                        "max_num_evals": 100}}, 422, "attack.initial_num_evals"),
+    ("carlini-wagner budget", {"attack": {"name": "carlini-wagner-l2", "binary_search_steps": 20,
+                                          "max_iter": 500}}, 422, "attack.max_iter"),
+    ("carlini-wagner confidence", {"attack": {"name": "carlini-wagner-l2", "confidence": -1}}, 422,
+     "attack.confidence"),
+    ("jsma zero theta", {"attack": {"name": "jsma", "theta": 0}}, 422, "attack"),
+    ("jsma gamma", {"attack": {"name": "jsma", "gamma": 1.5}}, 422, "attack.gamma"),
+    ("black-box transfer", {"attack": {"name": "square", "eps": 0.1},
+                            "surrogate": "fmnist-resnet18"}, 422, "surrogate"),
 ]
 
 

@@ -246,3 +246,33 @@ def test_transfer_attack(service: httpx.Client) -> None:
     assert 0 < transfer["transfer_rate"] <= 1
     # Scores are the target's: transferred examples fool it less often than the surrogate.
     assert result["scores"]["success_rate"] <= transfer["surrogate_success_rate"]
+
+
+SUITE = [
+    {"name": "mi-fgsm", "eps": 0.1, "steps": 10},
+    {"name": "apgd-ce", "eps": 0.1, "steps": 20},
+    {"name": "apgd-t", "eps": 0.1, "steps": 10, "n_target_classes": 3},
+    {"name": "carlini-wagner-l2", "binary_search_steps": 3, "max_iter": 30, "learning_rate": 0.05,
+     "initial_const": 0.1},
+    {"name": "jsma", "targeted": True, "target_mode": "random"},
+    {"name": "deepfool", "norm": "linf"},
+    {"name": "square", "eps": 0.15, "max_queries": 300},
+    {"name": "hop-skip-jump", "max_queries": 400, "steps": 5},
+]
+
+
+@pytest.mark.parametrize("spec", SUITE, ids=[s["name"] for s in SUITE])
+def test_every_attack_runs_through_the_service(service: httpx.Client, spec: dict[str, Any]) -> None:
+    job_id = submit(service, {"model": "fmnist-cnn", "attack": spec, "seed": 1,
+                              "inputs": {"dataset": "fashion-mnist:test", "offset": 500, "limit": 16}})
+    job = wait(service, job_id)
+    assert job["status"] == "succeeded", job
+    scores = job["result"]["scores"]
+    assert scores["n"] == 16
+    assert scores["robust_accuracy"] <= scores["clean_accuracy"]
+    assert scores["success_rate"] is not None and scores["success_rate"] > 0
+    assert scores["queries"] >= 1
+    black_box = spec["name"] in ("square", "hop-skip-jump")
+    assert (scores["gradient_calls"] == 0) == black_box
+    if spec["name"] in ("carlini-wagner-l2", "hop-skip-jump", "jsma", "deepfool"):
+        assert scores["rho"] is not None

@@ -44,7 +44,7 @@ def test_serve_starts_everything_and_sigterm_leaves_nothing(tmp_path: Path) -> N
         assert children, "expected a worker process"
         assert embedded, "expected an embedded redis-server"
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["models"]
-        assert [m["name"] for m in models] == ["fmnist-cnn"]
+        assert [m["name"] for m in models] == ["fmnist-cnn", "fmnist-resnet18"]
 
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
