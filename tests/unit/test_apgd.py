@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.manifest import CardIndex
-from models.registry import load_module
+from models.datasets import load_split
+from tests.unit.support import BOUNDS, CLASSES, SHAPE, batch, hosted, tiny_model
 from workers.attacks import apgd as apgd_module
 from workers.attacks.apgd import (
     APGDSpec,
@@ -25,25 +25,6 @@ from workers.attacks.apgd import (
 from workers.attacks.base import AttackOutput, flat_norm, goal_reached
 from workers.attacks.pgd import PGDSpec, pgd
 from workers.classifier import Classifier
-
-SHAPE = (1, 6, 6)
-CLASSES = 4
-BOUNDS = (0.0, 1.0)
-
-
-def tiny_model(seed: int = 0) -> Classifier:
-    torch.manual_seed(seed)
-    module = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.Tanh(), nn.Linear(16, CLASSES))
-    module = module.double().eval()
-    module.requires_grad_(False)
-    return Classifier(module, CLASSES, SHAPE, BOUNDS, "tiny")
-
-
-def batch(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, *SHAPE, generator=g, dtype=torch.float64)
-    return x, tiny_model().logits(x).argmax(1)
-
 
 Case = tuple[str, Callable[..., AttackOutput], Any, float, str]
 CASES: list[Case] = [
@@ -214,12 +195,7 @@ def test_dlr_needs_enough_classes() -> None:
 
 @pytest.fixture(scope="module")
 def fmnist() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
-    from models.datasets import load_split
-
-    directory = CardIndex.default().directory("fmnist-cnn")
-    assert directory is not None
-    card, module = load_module(directory)
-    model = Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref)
+    model = hosted()
     x, y = load_split("fashion-mnist:test").slice(0, 96)
     return model, torch.from_numpy(x), torch.from_numpy(y)
 

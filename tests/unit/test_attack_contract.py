@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
+from tests.unit.support import BOUNDS, CLASSES, batch, tiny_model
 from workers.attacks.apgd import APGDSpec, apgd, apgd_t
 from workers.attacks.base import AttackOutput, flat_norm
 from workers.attacks.cw import CarliniWagnerL2Spec, carlini_wagner_l2
@@ -19,26 +19,6 @@ from workers.attacks.jsma import JSMASpec, jsma
 from workers.attacks.mifgsm import MIFGSMSpec, mi_fgsm
 from workers.attacks.pgd import PGDSpec, pgd
 from workers.attacks.square import SquareSpec, square
-from workers.classifier import Classifier
-
-SHAPE = (1, 6, 6)
-CLASSES = 4
-BOUNDS = (0.0, 1.0)
-
-
-def tiny_model(seed: int = 0) -> Classifier:
-    torch.manual_seed(seed)
-    module = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.Tanh(), nn.Linear(16, CLASSES))
-    module = module.double().eval()
-    module.requires_grad_(False)
-    return Classifier(module, CLASSES, SHAPE, BOUNDS, "tiny")
-
-
-def batch(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, *SHAPE, generator=g, dtype=torch.float64)
-    return x, tiny_model().logits(x).argmax(1)  # labels = clean predictions: all correct
-
 
 BLACK_BOX = (square, hop_skip_jump)
 # Targeted HopSkipJump starts from another input of the batch already classified as the target, so

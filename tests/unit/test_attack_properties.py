@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.manifest import CardIndex
-from models.registry import load_module
+from tests.unit.support import fmnist_test, hosted
 from workers.attacks.base import flat_norm
 from workers.attacks.deepfool import DeepFoolSpec, deepfool
 from workers.attacks.fgsm import FGSMSpec, fgsm
@@ -73,15 +72,7 @@ def test_deepfool_refuses_targets() -> None:
 
 @pytest.fixture(scope="module")
 def fmnist() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
-    from models.datasets import load_split
-
-    index = CardIndex.default()
-    directory = index.directory("fmnist-cnn")
-    assert directory is not None
-    card, module = load_module(directory)
-    model = Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref)
-    x, y = load_split("fashion-mnist:test").slice(0, 96)
-    return model, torch.from_numpy(x), torch.from_numpy(y)
+    return (hosted(), *fmnist_test(96))
 
 
 def test_pgd_at_least_as_strong_as_fgsm(fmnist: tuple[Classifier, torch.Tensor, torch.Tensor]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.manifest import CardIndex
-from models.registry import load_module
+from models.datasets import load_split
+from tests.unit.support import hosted
 from workers.attacks.base import flat_norm, goal_reached
 from workers.attacks.cw import CarliniWagnerL2Spec, carlini_wagner_l2
 from workers.classifier import Classifier
@@ -146,12 +146,7 @@ def test_finds_the_analytic_distance_on_a_linear_model() -> None:
 
 @pytest.fixture(scope="module")
 def fmnist() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
-    from models.datasets import load_split
-
-    directory = CardIndex.default().directory("fmnist-cnn")
-    assert directory is not None
-    card, module = load_module(directory)
-    model = Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref)
+    model = hosted()
     x, y = load_split("fashion-mnist:test").slice(0, 48)
     return model, torch.from_numpy(x), torch.from_numpy(y)
 

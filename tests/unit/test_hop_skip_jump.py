@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.manifest import CardIndex
-from models.registry import load_module
-from tests.unit.test_attack_contract import BOUNDS, CLASSES, batch, tiny_model
+from models.datasets import load_split
+from tests.unit.support import BOUNDS, CLASSES, batch, hosted, tiny_model
 from workers.attacks.base import AttackOutput, flat_norm, goal_reached
 from workers.attacks.hop_skip_jump import INIT_TRIES, HopSkipJumpSpec, hop_skip_jump
 from workers.classifier import Classifier
@@ -142,12 +141,7 @@ def test_l2_distance_close_to_the_analytic_one_on_a_linear_model() -> None:
 
 @pytest.fixture(scope="module")
 def fmnist() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
-    from models.datasets import load_split
-
-    directory = CardIndex.default().directory("fmnist-cnn")
-    assert directory is not None
-    card, module = load_module(directory)
-    model = Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref)
+    model = hosted()
     images, labels = load_split("fashion-mnist:test").slice(0, 40)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     correct = model.logits(x).argmax(1) == y

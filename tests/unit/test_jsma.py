@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import workers.attacks.jsma as jsma_module
-from models.manifest import CardIndex
-from models.registry import load_module
+from models.datasets import load_split
+from tests.unit.support import hosted
 from workers.attacks.base import goal_reached
 from workers.attacks.jsma import JSMASpec, jsma
 from workers.classifier import Classifier
@@ -202,12 +202,7 @@ def test_saturated_softmax_defeats_the_probability_version_only() -> None:
 
 @pytest.fixture(scope="module")
 def fmnist() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
-    from models.datasets import load_split
-
-    directory = CardIndex.default().directory("fmnist-cnn")
-    assert directory is not None
-    card, module = load_module(directory)
-    model = Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref)
+    model = hosted()
     x, y = load_split("fashion-mnist:test").slice(0, 96)
     return model, torch.from_numpy(x), torch.from_numpy(y)
 

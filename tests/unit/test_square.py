@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.manifest import CardIndex
-from models.registry import load_module
-from tests.unit.test_attack_contract import BOUNDS, CLASSES, SHAPE, batch, tiny_model
+from models.datasets import load_split
+from tests.unit.support import BOUNDS, CLASSES, SHAPE, batch, hosted, tiny_model
 from workers.attacks.base import AttackOutput, flat_norm, goal_reached
 from workers.attacks.square import SquareSpec, _linf_proposal, p_schedule, square
 from workers.classifier import Classifier
@@ -130,12 +129,7 @@ def test_linf_proposal_always_changes_the_image() -> None:
 
 @pytest.fixture(scope="module")
 def fmnist() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
-    from models.datasets import load_split
-
-    directory = CardIndex.default().directory("fmnist-cnn")
-    assert directory is not None
-    card, module = load_module(directory)
-    model = Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref)
+    model = hosted()
     x, y = load_split("fashion-mnist:test").slice(0, 64)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     correct = model.logits(x).argmax(1) == y

@@ -1,0 +1,43 @@
+"""What the kernel tests share: a tiny seeded float64 model, a batch for it, and the hosted CNN."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.datasets import load_split
+from models.manifest import CardIndex
+from models.registry import load_module
+from workers.classifier import Classifier
+
+SHAPE = (1, 6, 6)
+CLASSES = 4
+BOUNDS = (0.0, 1.0)
+
+
+def tiny_model(seed: int = 0) -> Classifier:
+    """A seeded two-layer perceptron on 6x6 inputs, in float64."""
+    torch.manual_seed(seed)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+    module = module.double().eval()
+    module.requires_grad_(False)
+    return Classifier(module, CLASSES, SHAPE, BOUNDS, "tiny")
+
+
+def batch(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform inputs and, as labels, the tiny model's clean predictions (all correct)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *SHAPE, generator=g, dtype=torch.float64)
+    return x, tiny_model().logits(x).argmax(1)
+
+
+def hosted(name: str = "fmnist-cnn") -> Classifier:
+    directory = CardIndex.default().directory(name)
+    assert directory is not None, f"{name} is not hosted"
+    card, module = load_module(directory)
+    return Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref)
+
+
+def fmnist_test(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_split("fashion-mnist:test").slice(offset, n)
+    return torch.from_numpy(x), torch.from_numpy(y)
