@@ -140,3 +140,16 @@ def test_kernel_success_matches_the_returned_tensor(case: Case) -> None:
         assert getattr(case[2], "check", True) is False
     else:
         assert torch.equal(reached, out.success)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_misclassified_inputs_are_returned_unchanged(case: Case) -> None:
+    x, _ = batch()
+    y = torch.arange(x.shape[0]) % CLASSES
+    model = tiny_model()
+    wrong = model.logits(x).argmax(1) != y
+    assert wrong.any() and (~wrong).any()
+    out = run(case, x, y)
+    assert torch.equal(out.x_adv[wrong], x[wrong])
+    if case[1] is not fgsm:  # FGSM's one gradient comes with the forward that finds them wrong
+        assert (out.gradients[wrong] == 0).all()
