@@ -80,8 +80,11 @@ class DeepFoolParams(Strict):
     max_iter: int = Field(default=50, ge=1, le=MAX_STEPS)
     candidates: int = Field(default=10, ge=2, description="classes considered, the true one included")
     refine_candidates: int | None = Field(
-        default=3, ge=1, description="after the first iteration, follow only this many nearest "
+        default=2, ge=1, description="after the first iteration, follow only this many nearest "
                                      "boundaries (null: all candidates every iteration)")
+    step_scale: float = Field(
+        default=0.8, gt=0, le=1, description="fraction of each linearised step taken: below 1, "
+                                             "smaller perturbations for more iterations")
 
 
 class MIFGSMParams(Targeting):

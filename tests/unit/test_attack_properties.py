@@ -38,7 +38,7 @@ def test_deepfool_finds_the_analytic_distance_on_a_linear_model(overshoot: float
     model = linear_model()
     x = torch.randn(64, 1, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = model.logits(x).argmax(1)
-    out = deepfool(model, x, y, DeepFoolSpec(norm="l2", overshoot=overshoot, candidates=5))
+    out = deepfool(model, x, y, DeepFoolSpec(norm="l2", overshoot=overshoot, candidates=5, step_scale=1.0))
     found = flat_norm(out.x_adv - x, "l2") / (1 + overshoot)
     expected = analytic_l2_distance(model, x)
     assert torch.allclose(found, expected, rtol=0.01)
@@ -49,11 +49,24 @@ def test_deepfool_finds_the_analytic_distance_on_a_linear_model(overshoot: float
     assert int(out.gradients.max()) <= 2 * 4
 
 
+def test_damped_deepfool_converges_to_the_analytic_distance() -> None:
+    # step_scale 0.8 approaches the boundary geometrically and stops as soon as the overshot point
+    # is past it: the perturbation is at least the minimal distance and at most 2% above it.
+    model = linear_model()
+    x = torch.randn(64, 1, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = model.logits(x).argmax(1)
+    out = deepfool(model, x, y, DeepFoolSpec(norm="l2", overshoot=0.02, candidates=5))
+    found, expected = flat_norm(out.x_adv - x, "l2"), analytic_l2_distance(model, x)
+    assert out.success.all()
+    assert (found >= expected * (1 - 1e-9)).all()
+    assert (found <= expected * 1.02 + 1e-9).all()
+
+
 def test_deepfool_linf_finds_the_analytic_distance_on_a_linear_model() -> None:
     model = linear_model()
     x = torch.randn(32, 1, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y = model.logits(x).argmax(1)
-    out = deepfool(model, x, y, DeepFoolSpec(norm="linf", overshoot=0.0, candidates=5))
+    out = deepfool(model, x, y, DeepFoolSpec(norm="linf", overshoot=0.0, candidates=5, step_scale=1.0))
     layer = model.module[1]
     logits = x.flatten(1) @ layer.weight.T + layer.bias
     gaps = (logits - logits.gather(1, y[:, None])).abs()

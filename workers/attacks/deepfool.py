@@ -35,13 +35,18 @@ class DeepFoolSpec:
     """``overshoot`` scales the total perturbation by ``1 + overshoot``; ``candidates`` counts the
     original class too (10 = all classes of Fashion-MNIST). After the first iteration only the
     ``refine_candidates`` classes whose linearised boundary was nearest are followed (None: all
-    candidates every iteration, as in the paper)."""
+    candidates every iteration, as in the paper). ``step_scale`` < 1 takes that fraction of each
+    linearised step: more iterations, a path that hugs the curved boundary, smaller perturbations.
+    Measured on fmnist-cnn (128 test images): 1.0 gives a median L2 5.5% above Foolbox's DeepFool
+    with 11.7 gradient calls per image; 0.8 gives 0.6% above it with 23.3 (the default: the
+    minimal-perturbation statistics are what this attack is for)."""
 
     norm: Norm = "l2"
     overshoot: float = 0.02
     max_iter: int = 50
     candidates: int = 10
-    refine_candidates: int | None = 3
+    refine_candidates: int | None = 2
+    step_scale: float = 0.8
 
 
 def deepfool(
@@ -150,7 +155,7 @@ def deepfool(
         # Keep x + (1 + overshoot) * r_total inside the bounds, so that clipped components do
         # not pile up in r_total.
         x_act = x[idx]
-        r_total[idx] = torch.minimum(torch.maximum(r_total[idx] + step, (lo - x_act) / scale),
+        r_total[idx] = torch.minimum(torch.maximum(r_total[idx] + spec.step_scale * step, (lo - x_act) / scale),
                                      (hi - x_act) / scale)
 
     return AttackOutput(x_adv, success, queries, gradients)
