@@ -169,11 +169,14 @@ def busy_seconds() -> float | None:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def timed(fn: Callable[[], T], repeats: int) -> tuple[T, float, float | None]:
+def timed(fn: Callable[[], T], repeats: int, warm_up: bool = True) -> tuple[T, float, float | None]:
     """``fn()``'s result, its median wall time over ``repeats`` runs, and the mean number of CPU cores
-    other processes kept busy meanwhile (a contention flag: near 0 on a quiet machine)."""
+    other processes kept busy meanwhile (a contention flag: near 0 on a quiet machine).
+
+    One untimed run first (``warm_up``): without it, whichever row ran first paid for the allocator
+    and autograd warm-up (measured: our FGSM 1.4x torchattacks in the table, equal in isolation)."""
     times: list[float] = []
-    result = None
+    result = fn() if warm_up and repeats > 1 else None
     busy0, cpu0 = busy_seconds(), time.process_time()
     for _ in range(repeats):
         start = time.perf_counter()
