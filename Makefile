@@ -28,11 +28,15 @@ models: install data
 # Every peer comparison, on the small CNN (512 images) and on the ResNet-18 (fewer images: it is
 # about 20x slower per image on a CPU). Results and the commands that made them: bench/results/.
 BENCH_MODULES := attacks apgd cw jsma blackbox
-RESNET_N ?= 64
+RESNET_N ?= 32
 bench: install data $(BENCH_STAMP)
-	set -e; for m in $(BENCH_MODULES); do $(BIN)/python -m bench.$$m; done
-	set -e; for m in $(BENCH_MODULES); do \
-		ADVERSA_BENCH_MODEL=fmnist-resnet18 $(BIN)/python -m bench.$$m --n $(RESNET_N) --peer-n 16; done
+	$(BIN)/python -m bench.attacks
+	$(BIN)/python -m bench.apgd
+	$(BIN)/python -m bench.cw
+	$(BIN)/python -m bench.jsma
+	$(BIN)/python -m bench.blackbox --hsj-n 64 --peer-n 32
+	set -e; for m in $(BENCH_MODULES); do ADVERSA_BENCH_MODEL=fmnist-resnet18 \
+		$(BIN)/python -m bench.$$m --n $(RESNET_N) --peer-n 8 --repeats 1; done
 
 install: $(STAMP)
 
