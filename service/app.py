@@ -105,8 +105,8 @@ def _document_attack_schemas(app: FastAPI) -> None:
             return app.openapi_schema
         schema = original()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components["AttackRequest"] = dict(attacks._REQUEST_SCHEMA)
-        for name, definition in attacks._DEFS.items():
+        components["AttackRequest"] = dict(attacks.REQUEST_SCHEMA)
+        for name, definition in attacks.SCHEMA_DEFS.items():
             components.setdefault(name, definition)
         return schema
 

@@ -39,8 +39,8 @@ from workers.specs import (
 
 router = APIRouter(prefix="/v1/attacks", tags=["attacks"])
 
-_REQUEST_SCHEMA = AttackRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-_DEFS = _REQUEST_SCHEMA.pop("$defs", {})
+REQUEST_SCHEMA = AttackRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+SCHEMA_DEFS = REQUEST_SCHEMA.pop("$defs", {})
 OPENAPI_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
