@@ -209,8 +209,8 @@ def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
     x_q = quantize(x_adv, card.bounds)
     ev_q = evaluate(model, x, y, x_q, clean_pred, targets, batch_size)
     scores = summarize(ev, y, clean_pred, labels_given, minimal)
-    scores["gradient_calls"] = float(gradients.float().mean())
-    scores["queries"] = float(queries.float().mean())
+    scores["gradient_calls"] = float(gradients.double().mean())
+    scores["queries"] = float(queries.double().mean())
     scores["quantized"] = summarize(ev_q, y, clean_pred, labels_given, minimal)
     if attacker is not model:
         scores["transfer"] = transfer_scores(attacker, attacker_card.ref, x, y, x_adv,
