@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
 from models.datasets import load_split
 from models.manifest import CardIndex
 from models.registry import load_module
+from workers.attacks.base import AttackOutput
 from workers.classifier import Classifier
 
 SHAPE = (1, 6, 6)
@@ -29,6 +33,17 @@ def batch(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, *SHAPE, generator=g, dtype=torch.float64)
     return x, tiny_model().logits(x).argmax(1)
+
+
+Case = tuple[str, Callable[..., AttackOutput], Any, float | None, str | None]
+
+
+def run(case: Case, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> AttackOutput:
+    """Run a table row ``(id, kernel, spec, eps, norm)`` on the tiny model; targeted rows aim at
+    ``(y + 1) % CLASSES``."""
+    _, kernel, spec, _, _ = case
+    targets = (y + 1) % CLASSES if getattr(spec, "targeted", False) else None
+    return kernel(tiny_model(), x, y, spec, targets=targets, generator=torch.Generator().manual_seed(seed))
 
 
 def hosted(name: str = "fmnist-cnn") -> Classifier:

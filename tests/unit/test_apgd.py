@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from models.datasets import load_split
-from tests.unit.support import BOUNDS, CLASSES, SHAPE, batch, hosted, tiny_model
+from tests.unit.support import BOUNDS, CLASSES, SHAPE, batch, hosted, run, tiny_model
 from workers.attacks import apgd as apgd_module
 from workers.attacks.apgd import (
     APGDSpec,
@@ -39,11 +39,6 @@ CASES: list[Case] = [
     ("apgd-t-l2-targeted", apgd_t, APGDSpec(eps=0.5, norm="l2", steps=10, targeted=True), 0.5, "l2"),
 ]
 
-
-def run(case: Case, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> AttackOutput:
-    _, kernel, spec, _, _ = case
-    targets = (y + 1) % CLASSES if spec.targeted else None
-    return kernel(tiny_model(), x, y, spec, targets=targets, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.unit.support import BOUNDS, CLASSES, batch, tiny_model
+from tests.unit.support import BOUNDS, CLASSES, batch, run, tiny_model
 from workers.attacks.apgd import APGDSpec, apgd, apgd_t
 from workers.attacks.base import AttackOutput, flat_norm
 from workers.attacks.cw import CarliniWagnerL2Spec, carlini_wagner_l2
@@ -65,12 +65,6 @@ CASES: list[Case] = [
     ("deepfool-linf", deepfool, DeepFoolSpec(norm="linf", candidates=3), None, None),
 ]
 
-
-def run(case: Case, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> AttackOutput:
-    _, kernel, spec, _, _ = case
-    targets = (y + 1) % CLASSES if getattr(spec, "targeted", False) else None
-    return kernel(tiny_model(), x, y, spec, targets=targets,
-                  generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

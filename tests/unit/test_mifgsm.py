@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models.datasets import load_split
-from tests.unit.support import BOUNDS, CLASSES, batch, hosted, tiny_model
+from tests.unit.support import BOUNDS, CLASSES, batch, hosted, run, tiny_model
 from workers.attacks import mifgsm as mifgsm_module
 from workers.attacks.base import AttackOutput, flat_norm, goal_reached
 from workers.attacks.fgsm import FGSMSpec, fgsm
@@ -28,11 +28,6 @@ CASES: list[Case] = [
     ("mi-fgsm-l2-targeted", mi_fgsm, MIFGSMSpec(eps=0.5, norm="l2", steps=10, targeted=True), 0.5, "l2"),
 ]
 
-
-def run(case: Case, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> AttackOutput:
-    _, kernel, spec, _, _ = case
-    targets = (y + 1) % CLASSES if spec.targeted else None
-    return kernel(tiny_model(), x, y, spec, targets=targets, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
