@@ -6,10 +6,11 @@ so this module must stay free of torch imports.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,6 +18,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 HOSTED_DIR = Path(__file__).resolve().parent / "hosted"
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
+DETECTOR_FILE = "detector.json"
+COMPOSITE_ARCHITECTURES = ("preprocessing", "ensemble")
 
 
 class Lineage(BaseModel):
@@ -30,6 +33,38 @@ class Lineage(BaseModel):
     seed: int
     parameters: dict[str, Any] = Field(default_factory=dict)
     created: str
+
+
+class Composition(BaseModel):
+    """A model built from other registry models instead of weights of its own.
+
+    ``preprocessing``: ``steps`` (input transformations, in order) in front of ``base``.
+    ``ensemble``: ``members`` combined by ``combine``. ``differentiable`` is false when some step
+    has no usable gradient (bit depth, JPEG, a vote): attacks on it need BPDA or no gradients.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["preprocessing", "ensemble"]
+    base: str | None = None
+    steps: tuple[dict[str, Any], ...] = ()
+    members: tuple[str, ...] = ()
+    combine: Literal["mean-probabilities", "majority-vote"] | None = None
+    differentiable: bool = True
+    randomized: bool = False
+
+    @model_validator(mode="after")
+    def _parts(self) -> Composition:
+        if self.kind == "preprocessing" and (self.base is None or not self.steps):
+            raise ValueError("expected a base model and at least one step for preprocessing")
+        if self.kind == "ensemble" and (len(self.members) < 2 or self.combine is None):
+            raise ValueError("expected at least two members and a combine rule for an ensemble")
+        return self
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The registry references this model is made of."""
+        return (self.base,) if self.base is not None else self.members
 
 
 class ModelCard(BaseModel):
@@ -46,7 +81,9 @@ class ModelCard(BaseModel):
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                               description="of the weights file; null for compositions")
+    composition: Composition | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     lineage: Lineage
     description: str = ""
@@ -69,7 +106,15 @@ class ModelCard(BaseModel):
             raise ValueError(f"expected bounds lo < hi, got {self.bounds}")
         if len(self.classes) < 2:
             raise ValueError("expected at least two classes")
+        if (self.composition is None) == (self.sha256 is None):
+            raise ValueError("expected weights (sha256) or a composition, exactly one of them")
+        if self.composition is not None and self.architecture != self.composition.kind:
+            raise ValueError(f"expected architecture {self.composition.kind!r} for a composition")
         return self
+
+    @property
+    def differentiable(self) -> bool:
+        return self.composition is None or self.composition.differentiable
 
     @property
     def ref(self) -> str:
@@ -85,6 +130,46 @@ class ModelCard(BaseModel):
 
     def write(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2) + "\n")
+
+
+class DetectorCard(BaseModel):
+    """A calibrated detector, stored with the model it guards (``detector.json`` next to the card,
+    or ``detectors/<team>.json`` for a team's own calibration of a model it does not own).
+
+    Feature squeezing (Xu et al. 2018): the score of an input is the largest L1 distance between the
+    model's softmax on it and on each squeezed version; an input is rejected when its score is
+    above ``threshold``, chosen on clean data for the false-positive rate ``fpr``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["feature-squeezing"] = "feature-squeezing"
+    model: str = Field(description="name@version of the guarded model")
+    team: str | None = None
+    squeezers: tuple[tuple[dict[str, Any], ...], ...]
+    threshold: float
+    fpr: float = Field(gt=0, lt=1, description="requested false-positive rate")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    lineage: Lineage
+
+    @classmethod
+    def read(cls, path: Path) -> DetectorCard:
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def write(self, path: Path) -> None:
+        """Through a temporary file and a rename: a reader never sees half a detector."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        tmp.replace(path)
+
+
+def team_file(team: str) -> str:
+    """A file name for a team's detector (team names come from configuration)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", team)
+    return f"{safe}.json" if safe == team and not team.startswith(".") else (
+        f"team-{hashlib.sha256(team.encode()).hexdigest()[:16]}.json"
+    )
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -150,3 +235,19 @@ class CardIndex:
             return None
         directory = self.directory(name, version)
         return None if directory is None else ModelCard.read(directory / CARD_FILE)
+
+    def detector_paths(self, card: ModelCard, team: str | None) -> list[Path]:
+        """Where a detector for ``card`` may be, the team's own first."""
+        paths = []
+        if team is not None:
+            paths += [root / card.name / str(card.version) / "detectors" / team_file(team)
+                      for root in self.roots]
+        paths += [root / card.name / str(card.version) / DETECTOR_FILE for root in self.roots]
+        return paths
+
+    def detector(self, card: ModelCard, team: str | None) -> DetectorCard | None:
+        """The detector that guards ``card`` for ``team``: its own calibration, else the model's."""
+        for path in self.detector_paths(card, team):
+            if path.is_file():
+                return DetectorCard.read(path)
+        return None

@@ -7,7 +7,12 @@ inputs in the card's bounds and returns logits.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -33,8 +38,13 @@ def assemble(card: ModelCard, body: nn.Module) -> nn.Sequential:
 
 
 def load_module(directory: Path, device: torch.device | str = "cpu") -> tuple[ModelCard, nn.Module]:
-    """Load the model stored in ``directory`` (card + weights), in eval mode, frozen, on ``device``."""
+    """Load the model stored in ``directory`` (card + weights), in eval mode, frozen, on ``device``.
+
+    Compositions (preprocessing, ensembles) are built by the workers from their parts.
+    """
     card = ModelCard.read(directory / CARD_FILE)
+    if card.composition is not None:
+        raise ModelLoadError(f"{card.ref} is a {card.composition.kind} composition, not weights")
     raw = (directory / WEIGHTS_FILE).read_bytes()
     digest = sha256_hex(raw)
     if digest != card.sha256:
@@ -70,3 +80,42 @@ def write_model(root: Path, card: ModelCard, weights: bytes) -> Path:
     tmp_card.replace(directory / CARD_FILE)
     return directory
 
+
+
+def publish(root: Path, card: ModelCard, weights: bytes | None, taken: Iterable[int] = ()) -> ModelCard:
+    """Add ``card`` (and its weights) to the registry under ``root`` as the next free version.
+
+    Everything is written into a staging directory first, which is then renamed to
+    ``root/<name>/<version>`` in one step: a worker killed half-way leaves no visible entry (only
+    a staging directory that the index ignores), and two jobs publishing the same name at once
+    get different versions (the rename fails for the second, which takes the next number).
+    ``taken`` lists versions used under other roots (hosted models).
+    """
+    if (weights is None) != (card.sha256 is None) or (
+        weights is not None and sha256_hex(weights) != card.sha256
+    ):
+        raise ModelLoadError(f"{card.name}: weights and the card's sha256 do not match")
+    base = root / card.name
+    base.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=base))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the published model from other users
+    try:
+        if weights is not None:
+            (staging / WEIGHTS_FILE).write_bytes(weights)
+        used = set(taken) | {int(p.name) for p in base.iterdir() if p.name.isdigit()}
+        version = max(used, default=0) + 1
+        for _ in range(100):
+            card = card.model_copy(update={"version": version})
+            card.write(staging / CARD_FILE)
+            try:
+                os.rename(staging, base / str(version))
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                version += 1
+                continue
+            return card
+        raise ModelLoadError(f"{card.name}: no free version after 100 tries")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -20,7 +20,7 @@ from service import errors
 from service.errors import Problem, problem_response
 from service.metrics import instrument
 from service.queueing import Queues
-from service.routes import attacks, health, infer, jobs, models
+from service.routes import attacks, defenses, health, infer, jobs, models
 from service.settings import Settings
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -89,7 +89,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     app.state.store = FileStore(settings.blob_root)
     errors.install(app)
     app.middleware("http")(instrument)
-    for module in (health, models, infer, attacks, jobs):
+    for module in (health, models, infer, attacks, defenses, jobs):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     _document_attack_schemas(app)

@@ -151,26 +151,26 @@ def decode_files(files: list[tuple[str, bytes]], labels: list[int] | None, card:
 
 
 def check_dataset(inputs: DatasetInputs, card: ModelCard, limit: int,
-                  data_dir: str | None) -> int:
+                  data_dir: str | None, field: str = "inputs") -> int:
     """Validate a hosted data-set slice; returns the number of samples."""
     try:
         datasets.parse_name(inputs.dataset)
     except ValueError as exc:
-        raise invalid("inputs.dataset", str(exc)) from None
+        raise invalid(f"{field}.dataset", str(exc)) from None
     try:
         size = datasets.split_size(inputs.dataset, data_dir)
     except datasets.DatasetMissingError as exc:
         raise Problem(503, str(exc), code="dataset-missing") from None
     if inputs.offset >= size:
-        raise invalid("inputs.offset", f"expected an offset below {size}, got {inputs.offset}")
+        raise invalid(f"{field}.offset", f"expected an offset below {size}, got {inputs.offset}")
     if inputs.offset + inputs.limit > size:
-        raise invalid("inputs.limit", f"expected offset + limit <= {size}, got "
-                                      f"{inputs.offset + inputs.limit}")
-    check_count("inputs.limit", inputs.limit, limit)
+        raise invalid(f"{field}.limit", f"expected offset + limit <= {size}, got "
+                                        f"{inputs.offset + inputs.limit}")
+    check_count(f"{field}.limit", inputs.limit, limit)
     if card.input_shape != (1, 28, 28) or card.num_classes != len(datasets.FASHION_MNIST_CLASSES):
-        raise invalid("inputs.dataset", f"expected a model with input (1, 28, 28) and 10 classes "
-                                        f"for {inputs.dataset}, got {card.ref} with "
-                                        f"{card.input_shape} and {card.num_classes} classes")
+        raise invalid(f"{field}.dataset", f"expected a model with input (1, 28, 28) and 10 classes "
+                                          f"for {inputs.dataset}, got {card.ref} with "
+                                          f"{card.input_shape} and {card.num_classes} classes")
     return inputs.limit
 
 

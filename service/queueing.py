@@ -21,7 +21,7 @@ from workers.settings import CommonSettings
 from workers.specs import JobError, JobState, JobView
 
 IDEMPOTENCY_KEY = "adversa:idem:{}:{}"
-QUEUE_NAMES = ("predict", "attacks")
+QUEUE_NAMES = ("predict", "attacks", "defenses")
 
 
 @dataclass
@@ -129,6 +129,7 @@ def view(job: Job) -> JobView:
         kind=job.meta.get("kind", "unknown"),
         status=state,
         progress=progress,
+        stage=job.meta.get("stage"),
         model=job.meta.get("model"),
         created_at=_iso(job.created_at),
         started_at=_iso(job.started_at),

@@ -19,5 +19,7 @@ class Settings(CommonSettings):
     max_infer_inputs: int = Field(default=1024, ge=1)
     max_steps: int = Field(default=1000, ge=1, description="steps, iterations and restarts x steps")
     max_queries: int = Field(default=20_000, ge=1, description="model queries per image (black box)")
+    max_epochs: int = Field(default=50, ge=1, description="epochs of a training defense")
+    defense_timeout_s: int = Field(default=8 * 3600, ge=60, description="training jobs run long")
     predict_timeout_s: int = Field(default=30, ge=1)
     workers: int = Field(default=1, ge=0, description="worker processes started by `adversa serve`")

@@ -8,6 +8,7 @@ once per model and device and remembered in ``<var>/batch_sizes.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -20,9 +21,17 @@ import torch
 from models.manifest import CardIndex, ModelCard, parse_ref
 from models.registry import load_module
 from workers.classifier import Classifier
+from workers.defenses.compose import build_composite
 
 log = logging.getLogger(__name__)
 CANDIDATE_BATCHES = (32, 64, 128, 256, 512)
+
+
+def card_key(card: ModelCard) -> str:
+    """What identifies a model's computation: its weights, or its composition."""
+    if card.sha256 is not None:
+        return card.sha256[:16]
+    return "c-" + hashlib.sha256(card.model_dump_json(include={"composition"}).encode()).hexdigest()[:16]
 
 
 class UnknownModelError(LookupError):
@@ -39,7 +48,7 @@ class ModelCache:
         self.capacity = capacity
         self.tuning_file = tuning_file
         self._models: OrderedDict[str, tuple[ModelCard, Classifier]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # compositions load their parts through get()
 
     def resolve(self, ref: str) -> ModelCard:
         card = self.index.card(ref)
@@ -53,11 +62,16 @@ class ModelCache:
             if card.ref in self._models:
                 self._models.move_to_end(card.ref)
                 return self._models[card.ref]
-            name, version = parse_ref(card.ref)
-            directory = self.index.directory(name, version)
-            assert directory is not None
-            card, module = load_module(directory, self.device)
-            handle = Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref)
+            if card.composition is not None:
+                parts = [self.get(part)[1].module for part in card.composition.parts]
+                module = build_composite(card, parts)
+            else:
+                name, version = parse_ref(card.ref)
+                directory = self.index.directory(name, version)
+                assert directory is not None
+                card, module = load_module(directory, self.device)
+            handle = Classifier(module, card.num_classes, card.input_shape, card.bounds, card.ref,
+                                differentiable=card.differentiable)
             self._models[card.ref] = (card, handle)
             while len(self._models) > self.capacity:
                 evicted, _ = self._models.popitem(last=False)
@@ -66,7 +80,7 @@ class ModelCache:
 
     def batch_size(self, card: ModelCard, model: Classifier) -> int:
         """The measured best chunk size for forward+backward of this model on this device."""
-        key = f"{card.sha256[:16]}:{self.device}"
+        key = f"{card_key(card)}:{self.device}"
         known = self._read_tuning()
         if key in known:
             return int(known[key])

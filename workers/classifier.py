@@ -23,6 +23,7 @@ class Classifier:
     input_shape: tuple[int, int, int]
     bounds: tuple[float, float] = (0.0, 1.0)
     name: str = "model"
+    differentiable: bool = True  # false: some step's gradient is useless (BPDA or black box)
     queries: int = field(default=0, init=False)
     gradients: int = field(default=0, init=False)
 

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from workers.attacks.base import project
 from workers.attacks.catalog import KERNELS
 from workers.cache import ModelCache, UnknownModelError
 from workers.classifier import Classifier
+from workers.defenses.squeeze import squeeze_logits_and_scores
 from workers.device import pick_device
 from workers.errors import CANCEL_KEY, InvalidJob, JobCanceled, JobFailure
 from workers.scores import Evaluation, evaluate, quantize, summarize
@@ -136,6 +138,36 @@ def kernel_spec(attack: Any) -> tuple[Any, Any]:
     return kernel, spec_cls(**values)
 
 
+def craft(
+    model: Classifier, x: torch.Tensor, y: torch.Tensor, attack: Any, batch_size: int,
+    generator: torch.Generator, targets: torch.Tensor | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``attack`` (its pydantic params) over ``x`` chunk by chunk: ``x_adv`` and the
+    per-sample queries and gradient calls. ``on_chunk(processed)`` runs after each chunk."""
+    kernel, kspec = kernel_spec(attack)
+    x_adv = torch.empty_like(x)
+    queries = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    gradients = torch.zeros_like(queries)
+    for start in range(0, x.shape[0], batch_size):
+        stop = min(start + batch_size, x.shape[0])
+        chunk_targets = targets[start:stop] if targets is not None else None
+        out = kernel(model, x[start:stop], y[start:stop], kspec, targets=chunk_targets,
+                     generator=generator)
+        x_adv[start:stop] = out.x_adv
+        queries[start:stop] = out.queries
+        gradients[start:stop] = out.gradients
+        if on_chunk is not None:
+            on_chunk(stop)
+    # Never trust the kernel's own loop: project once more (the caller judges the final tensor).
+    eps = getattr(attack, "eps", None)
+    if eps is not None:
+        x_adv = project(x_adv, x, eps, getattr(attack, "norm", "linf"), model.bounds)
+    else:
+        x_adv = x_adv.clamp(*model.bounds)
+    return x_adv, queries, gradients
+
+
 # --- attack ----------------------------------------------------------------------------------
 
 
@@ -179,31 +211,17 @@ def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
     y = torch.from_numpy(y_np).to(device) if y_np is not None else clean_pred.clone()
     generator = torch.Generator(device=device).manual_seed(spec.seed)
     targets = choose_targets(spec.attack, attacker_logits, y, card.num_classes, generator)
-    kernel, kspec = kernel_spec(spec.attack)
     log.info("%s: %s on %s (crafted on %s), %d inputs, chunks of %d", spec.job_id,
              spec.attack.name, card.ref, attacker_card.ref, x.shape[0], batch_size)
 
-    x_adv = torch.empty_like(x)
-    queries = torch.zeros(x.shape[0], dtype=torch.int64, device=device)
-    gradients = torch.zeros_like(queries)
-    for start in range(0, x.shape[0], batch_size):
+    def on_chunk(stop: int) -> None:
         _check_cancel(job)
-        stop = min(start + batch_size, x.shape[0])
-        chunk_targets = targets[start:stop] if targets is not None else None
-        out = kernel(attacker, x[start:stop], y[start:stop], kspec, targets=chunk_targets,
-                     generator=generator)
-        x_adv[start:stop] = out.x_adv
-        queries[start:stop] = out.queries
-        gradients[start:stop] = out.gradients
         _progress(job, stop / x.shape[0], processed=stop)
         log.info("%s: %d/%d done", spec.job_id, stop, x.shape[0])
 
-    # Never trust the kernel's own loop: project once more and judge on the final tensor.
-    eps = getattr(spec.attack, "eps", None)
-    if eps is not None:
-        x_adv = project(x_adv, x, eps, getattr(spec.attack, "norm", "linf"), card.bounds)
-    else:
-        x_adv = x_adv.clamp(*card.bounds)
+    _check_cancel(job)
+    x_adv, queries, gradients = craft(attacker, x, y, spec.attack, batch_size, generator,
+                                      targets, on_chunk)
     minimal = spec.attack.name in MINIMAL_ATTACKS
     ev = evaluate(model, x, y, x_adv, clean_pred, targets, batch_size)
     x_q = quantize(x_adv, card.bounds)
@@ -297,12 +315,29 @@ def run_predict(payload: dict[str, Any]) -> dict[str, Any]:
             raise JobFailure(str(exc), "unknown-model") from exc
         array = np.load(io.BytesIO(base64.b64decode(spec.array)), allow_pickle=False)
         x = torch.from_numpy(array.astype(np.float32, copy=False)).to(model.device)
-        logits = model.predict(x, 256)
+        if not spec.reject:
+            logits = model.predict(x, 256)
+            return {
+                "model": card.ref,
+                "logits": logits.cpu().tolist(),
+                "probabilities": logits.softmax(dim=1).cpu().tolist(),
+                "labels": logits.argmax(dim=1).cpu().tolist(),
+            }
+        detector = ctx.cache.index.detector(card, spec.team)
+        if detector is None:
+            raise JobFailure(f"{card.ref} has no calibrated detector", "no-detector")
+        logits, scores = squeeze_logits_and_scores(model.module, x, detector.squeezers, card.bounds,
+                                                   batch_size=256)
+        model.queries += x.shape[0] * (1 + len(detector.squeezers))
         return {
             "model": card.ref,
             "logits": logits.cpu().tolist(),
             "probabilities": logits.softmax(dim=1).cpu().tolist(),
             "labels": logits.argmax(dim=1).cpu().tolist(),
+            "scores": scores.cpu().tolist(),
+            "threshold": detector.threshold,
+            "rejected": (scores > detector.threshold).cpu().tolist(),
+            "detector": {"kind": detector.kind, "fpr": detector.fpr, "model": detector.model},
         }
     except BaseException as exc:
         _fail_meta(job, exc)

@@ -38,4 +38,4 @@ class CommonSettings(BaseSettings):
 class WorkerSettings(CommonSettings):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     model_cache_size: int = Field(default=4, ge=1)
-    queues: list[str] = ["predict", "attacks"]
+    queues: list[str] = ["predict", "attacks", "defenses"]

@@ -249,6 +249,170 @@ class AttackRequest(Strict):
     )
 
 
+# --- defenses (discriminated on ``name``) -----------------------------------------------------
+
+
+class BitDepthStep(Strict):
+    """Reduce each pixel to ``bits`` bits (non-differentiable: zero gradient)."""
+
+    name: Literal["bit-depth"]
+    bits: int = Field(ge=1, le=8)
+
+
+class MedianStep(Strict):
+    """Median filter over a ``size`` x ``size`` window, per channel."""
+
+    name: Literal["median"]
+    size: int = Field(default=2, ge=2, le=5)
+
+
+class JPEGStep(Strict):
+    """JPEG compression round trip (non-differentiable)."""
+
+    name: Literal["jpeg"]
+    quality: int = Field(default=75, ge=1, le=100)
+
+
+class BlurStep(Strict):
+    """Gaussian blur."""
+
+    name: Literal["gaussian-blur"]
+    sigma: float = Field(default=1.0, gt=0, le=10)
+    kernel_size: int | None = Field(default=None, ge=1, le=31, description="odd; default 2*ceil(3 sigma)+1")
+
+    @model_validator(mode="after")
+    def _odd(self) -> BlurStep:
+        if self.kernel_size is not None and self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size: expected an odd number, got {self.kernel_size}")
+        return self
+
+
+PreprocessStep = Annotated[BitDepthStep | MedianStep | JPEGStep | BlurStep, Field(discriminator="name")]
+NON_DIFFERENTIABLE_STEPS = frozenset({"bit-depth", "jpeg"})
+
+
+class TrainingParams(Strict):
+    """What every training defense shares. Training starts from scratch with the base model's
+    architecture and normalisation (``init="base"``: fine-tune from its weights)."""
+
+    epochs: int = Field(default=6, ge=1, le=200)
+    batch_size: int = Field(default=128, ge=8, le=4096)
+    lr: float = Field(default=2e-3, gt=0, le=1, description="peak Adam learning rate (one-cycle)")
+    data: str = Field(default="fashion-mnist:train", description="hosted data set to train on")
+    limit: int | None = Field(default=None, ge=100, description="train on the first `limit` samples")
+    init: Literal["scratch", "base"] = "scratch"
+
+
+class FGSMTrainingParams(TrainingParams):
+    """Adversarial training with the FGSM objective of Goodfellow et al. (2015):
+    alpha J(x, y) + (1 - alpha) J(x + eps sign(grad_x J(x, y)), y)."""
+
+    name: Literal["fgsm-adversarial-training"]
+    eps: float = Field(default=0.1, gt=0, description="Linf, input units")
+    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the clean loss")
+
+
+class PGDTrainingParams(TrainingParams):
+    """PGD adversarial training (Madry et al. 2018): train on Linf PGD examples."""
+
+    name: Literal["pgd-adversarial-training"]
+    eps: float = Field(default=0.1, gt=0, description="Linf, input units")
+    steps: int = Field(default=10, ge=1, le=100)
+    step_size: float | None = Field(default=None, gt=0, description="default 2.5 * eps / steps")
+
+
+class DistillationParams(TrainingParams):
+    """Defensive distillation (Papernot et al. 2016): a teacher trained at temperature T labels the
+    data; a student of the same architecture is trained on those soft labels at T and deployed
+    at T = 1."""
+
+    name: Literal["distillation"]
+    temperature: float = Field(default=100.0, ge=1, le=100)
+    teacher_epochs: int | None = Field(default=None, ge=1, le=200, description="default: epochs")
+
+
+class PreprocessingParams(Strict):
+    """Wrap the model with input transformations, applied in order."""
+
+    name: Literal["preprocessing"]
+    steps: list[PreprocessStep] = Field(min_length=1, max_length=8)
+
+
+class EnsembleParams(Strict):
+    """A model made of several registry models with the same inputs and classes."""
+
+    name: Literal["ensemble"]
+    members: list[str] = Field(min_length=2, max_length=8, description="name or name@version")
+    combine: Literal["mean-probabilities", "majority-vote"] = "mean-probabilities"
+
+
+DetectionAttack = Literal["fgsm", "pgd", "deepfool", "carlini-wagner-l2"]
+DETECTION_ATTACKS: tuple[DetectionAttack, ...] = ("fgsm", "pgd", "deepfool", "carlini-wagner-l2")
+
+
+def _default_squeezers() -> list[list[Any]]:
+    # Xu et al. used 1-bit depth and a 2x2 median on MNIST; on Fashion-MNIST both destroy the
+    # clothes' texture on clean images (thresholds near the maximum, few detections), while 2-
+    # and 3-bit depth detect most iterative attacks at 5% false positives (docs/results).
+    return [[BitDepthStep(name="bit-depth", bits=2)], [BitDepthStep(name="bit-depth", bits=3)]]
+
+
+class FeatureSqueezingParams(Strict):
+    """Calibrate a feature-squeezing detector (Xu et al. 2018) on the model, stored with it."""
+
+    name: Literal["feature-squeezing"]
+    squeezers: list[list[PreprocessStep]] = Field(
+        default_factory=_default_squeezers, min_length=1, max_length=8,
+        description="each squeezer is a pipeline of steps; the score is the largest L1 distance "
+                    "between the softmax on the input and on a squeezed input")
+    fpr: float = Field(default=0.05, gt=0, lt=0.5, description="false-positive rate on clean data")
+    calibration: DatasetInputs = Field(
+        default_factory=lambda: DatasetInputs(dataset="fashion-mnist:test", offset=5000, limit=2500),
+        description="clean data the threshold is chosen on")
+    held_out: DatasetInputs = Field(
+        default_factory=lambda: DatasetInputs(dataset="fashion-mnist:test", offset=7500, limit=2500),
+        description="other clean data the false-positive rate is measured on")
+    attack_inputs: DatasetInputs = Field(
+        default_factory=lambda: DatasetInputs(dataset="fashion-mnist:test", offset=0, limit=500),
+        description="inputs the detection rate is measured on, after each attack")
+    attacks: list[DetectionAttack] = Field(default_factory=lambda: list(DETECTION_ATTACKS), max_length=4)
+    eps: float = Field(default=0.1, gt=0, description="Linf budget of the FGSM and PGD evaluations")
+
+
+DefenseParams = Annotated[
+    FGSMTrainingParams | PGDTrainingParams | DistillationParams | PreprocessingParams
+    | EnsembleParams | FeatureSqueezingParams,
+    Field(discriminator="name"),
+]
+TRAINING_DEFENSES = frozenset({"fgsm-adversarial-training", "pgd-adversarial-training", "distillation"})
+DEFENSE_SUFFIX = {
+    "fgsm-adversarial-training": "fgsm-at", "pgd-adversarial-training": "pgd-at",
+    "distillation": "distilled", "preprocessing": "preprocessed", "ensemble": "ensemble",
+}
+
+
+class Evaluation(Strict):
+    """How a new model is measured before it is published (the card's metrics)."""
+
+    data: str = "fashion-mnist:test"
+    clean_limit: int = Field(default=10_000, ge=1, description="test images for clean accuracy")
+    robust_limit: int = Field(default=1000, ge=0, description="test images for PGD robust accuracy")
+    eps: float = Field(default=0.1, gt=0, description="Linf budget of the PGD evaluation")
+    steps: int = Field(default=20, ge=1, le=1000)
+
+
+class DefenseRequest(Strict):
+    """``POST /v1/defenses`` body."""
+
+    model: str | None = Field(default=None, description="base model, `name` or `name@version` "
+                                                        "(every defense but ensemble)")
+    defense: DefenseParams
+    output: str | None = Field(default=None, description="name of the new model (default "
+                                                         "`<model>-<suffix>`); a new version if it exists")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+
+
 # --- job payloads (gateway -> worker) ---------------------------------------------------------
 
 
@@ -279,6 +443,18 @@ class PredictJob(Strict):
     job_id: str
     model: str
     array: str = Field(description="base64 .npy float32 NCHW in the model's bounds")
+    reject: bool = False
+    team: str | None = Field(default=None, description="whose detector to use (reject only)")
+
+
+class DefenseJob(Strict):
+    job_id: str
+    team: str | None = Field(description="owner of the new model; null publishes a hosted model")
+    model: str | None = Field(description="resolved name@version of the base model")
+    defense: DefenseParams
+    output: str | None = Field(description="name of the new model (null for a detector)")
+    seed: int = Field(ge=0)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -325,6 +501,8 @@ class JobView(BaseModel):
     kind: str
     status: JobState
     progress: float = Field(ge=0, le=1)
+    stage: dict[str, Any] | None = Field(default=None, description="where a long job is: epoch, "
+                                                                    "batch, loss, accuracy ...")
     model: str | None = None
     created_at: str | None = None
     started_at: str | None = None

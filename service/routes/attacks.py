@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import secrets
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
+from rq.job import Job
 from starlette.datastructures import UploadFile
 
 from models.datasets import load_split
@@ -19,8 +19,7 @@ from models.manifest import CardIndex, ModelCard
 from service import inputs as inp
 from service.deps import QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
 from service.errors import Problem, invalid, validation_problem
-from service.metrics import JOBS
-from service.queueing import view
+from service.routes.accept import accept
 from service.settings import Settings
 from workers.specs import (
     BLACK_BOX_ATTACKS,
@@ -237,39 +236,15 @@ async def create_attack(request: Request, response: Response, settings: Settings
                     seed=seed, batch_size=parsed.batch_size,
                     surrogate=surrogate.ref if surrogate is not None else None)
 
-    idem = request.headers.get("idempotency-key")
-    if idem:
-        earlier = queues.reserve_idempotency(team, idem, job_id, digest)
-        if earlier is not None:
-            return _replay(earlier, digest, queues, response)
-    try:
+    def enqueue() -> Job:
         if decoded is not None and ref.key is not None:
             buffer = io.BytesIO()
             arrays = {"x": decoded.x} if decoded.y is None else {"x": decoded.x, "y": decoded.y}
             np.savez(buffer, **arrays)  # type: ignore[arg-type]
             store.put(ref.key, buffer.getvalue())
-        rq_job = queues.enqueue(
+        return queues.enqueue(
             "attacks", "workers.jobs.run_attack", job.model_dump(mode="json"), job_id=job_id,
             meta={"kind": "attack", "team": team, "model": card.ref, "progress": 0.0},
         )
-    except BaseException:
-        if idem:
-            queues.release_idempotency(team, idem)
-        raise
-    JOBS.labels("attack").inc()
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return view(rq_job)
 
-
-def _replay(earlier: str, digest: bytes, queues: QueueDep, response: Response) -> JobView:
-    job_id, _, stored_digest = earlier.partition("|")
-    if stored_digest != hashlib.sha256(digest).hexdigest():
-        raise Problem(409, "Idempotency-Key was already used with a different request",
-                      field="Idempotency-Key", code="idempotency-conflict")
-    existing = queues.fetch(job_id)
-    if existing is None:
-        raise Problem(409, "a request with this Idempotency-Key is still being accepted; retry",
-                      field="Idempotency-Key", code="idempotency-in-progress")
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    response.headers["Idempotent-Replayed"] = "true"
-    return view(existing)
+    return accept(request, response, queues, team, "attack", job_id, digest, enqueue)

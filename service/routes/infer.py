@@ -76,15 +76,17 @@ def infer(ref: str, body: InferRequest, settings: SettingsDep, queues: QueueDep,
           index: RegistryDep, team: TeamDep) -> dict[str, Any]:
     """Predict classes for a batch (``parameters.reject=true``: detection-and-reject)."""
     card = visible_card(index, ref, team)
-    if body.parameters is not None and body.parameters.reject:
-        raise Problem(409, f"{card.ref} has no calibrated detector; calibrate a feature-squeezing "
-                           "detector for it with a defense job (POST /v1/defenses), then retry",
-                      field="parameters.reject", code="no-detector")
+    reject = body.parameters is not None and body.parameters.reject
+    if reject and index.detector(card, team) is None:
+        raise Problem(409, f"{card.ref} has no calibrated detector; calibrate one with POST "
+                           f"/v1/defenses {{\"model\": \"{card.ref}\", \"defense\": {{\"name\": "
+                           f"\"feature-squeezing\", \"fpr\": 0.05}}}}, wait for the job to "
+                           "succeed, then retry", field="parameters.reject", code="no-detector")
     x = array_to_nchw("inputs[0]", _tensor("inputs[0]", body.inputs[0]), card)
     check_count("inputs[0].shape", x.shape[0], settings.max_infer_inputs)
     job_id = uuid.uuid4().hex
-    payload = PredictJob(job_id=job_id, model=card.ref,
-                         array=base64.b64encode(npy_bytes(x)).decode())
+    payload = PredictJob(job_id=job_id, model=card.ref, array=base64.b64encode(npy_bytes(x)).decode(),
+                         reject=reject, team=team if reject else None)
     job = queues.enqueue("predict", "workers.jobs.run_predict", payload.model_dump(),
                          job_id=job_id, meta={"kind": "predict", "team": team, "model": card.ref},
                          timeout=settings.predict_timeout_s * 4, result_ttl=300)
@@ -102,15 +104,24 @@ def infer(ref: str, body: InferRequest, settings: SettingsDep, queues: QueueDep,
                       code="predict-failed")
     out = job.return_value() or {}
     n, k = x.shape[0], card.num_classes
-    return {
+    outputs = [
+        {"name": "label", "datatype": "INT64", "shape": [n], "data": out["labels"]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [n, k],
+         "data": np.asarray(out["probabilities"], dtype=np.float32).ravel().tolist()},
+        {"name": "logits", "datatype": "FP32", "shape": [n, k],
+         "data": np.asarray(out["logits"], dtype=np.float32).ravel().tolist()},
+    ]
+    answer: dict[str, Any] = {
         "model_name": card.name,
         "model_version": str(card.version),
         "id": body.id or job_id,
-        "outputs": [
-            {"name": "label", "datatype": "INT64", "shape": [n], "data": out["labels"]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [n, k],
-             "data": np.asarray(out["probabilities"], dtype=np.float32).ravel().tolist()},
-            {"name": "logits", "datatype": "FP32", "shape": [n, k],
-             "data": np.asarray(out["logits"], dtype=np.float32).ravel().tolist()},
-        ],
+        "outputs": outputs,
     }
+    if reject:
+        outputs += [
+            {"name": "detector_score", "datatype": "FP32", "shape": [n], "data": out["scores"]},
+            {"name": "threshold", "datatype": "FP32", "shape": [n], "data": [out["threshold"]] * n},
+            {"name": "rejected", "datatype": "BOOL", "shape": [n], "data": out["rejected"]},
+        ]
+        answer["parameters"] = {"detector": out["detector"], "threshold": out["threshold"]}
+    return answer

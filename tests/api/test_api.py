@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,12 +21,6 @@ from service.settings import Settings
 
 PGD = {"name": "pgd", "eps": 0.1, "steps": 10}
 DATASET = {"dataset": "fashion-mnist:test", "offset": 0, "limit": 8}
-
-
-@pytest.fixture
-def client(settings: Settings, redis: Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 def queued(redis: Redis) -> int:
@@ -259,7 +252,7 @@ def test_malformed_bodies(client: TestClient, redis: Redis) -> None:
 
 def test_infer_validation(client: TestClient, redis: Redis) -> None:
     tensor = {"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}
-    response = client.post("/v2/models/fmnist-cnn/infer",
+    response = client.post("/v2/models/fmnist-resnet18/infer",
                            json={"inputs": [tensor], "parameters": {"reject": True}})
     body = assert_problem(response, 409, "parameters.reject")
     assert "calibrate" in body["detail"]

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,78 +18,7 @@ from rq.serializers import JSONSerializer
 
 from models.datasets import load_split
 from tests.conftest import REPO
-
-JOB_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def service(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    Redis.from_url(redis_url).flushdb()
-    var = tmp_path_factory.mktemp("var")
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "ADVERSA_VAR_DIR": str(var),
-           "ADVERSA_PREDICT_TIMEOUT_S": "60", "PYTHONPATH": str(REPO)}
-    logs = var / "logs"
-    logs.mkdir()
-    cli = [sys.executable, "-m", "service.cli"]
-    processes = [
-        subprocess.Popen([*cli, "worker", "--name", "e2e-worker"], env=env, cwd=REPO,
-                         stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT),
-        subprocess.Popen([*cli, "serve", "--port", str(port), "--workers", "0"], env=env,
-                         cwd=REPO, stdout=(logs / "gateway.log").open("wb"),
-                         stderr=subprocess.STDOUT),
-    ]
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            for process in processes:
-                assert process.poll() is None, _logs(logs)
-            assert time.monotonic() < deadline, "service not ready in 120 s\n" + _logs(logs)
-            time.sleep(0.5)
-        yield client
-    finally:
-        client.close()
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        Redis.from_url(redis_url).flushdb()
-
-
-def _logs(directory: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(directory.iterdir()))
-
-
-def wait(client: httpx.Client, job_id: str, until: tuple[str, ...] = ("succeeded", "failed",
-                                                                        "canceled")) -> Any:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in until:
-            return job
-        assert time.monotonic() < deadline, f"job stuck: {job}"
-        time.sleep(0.3)
-
-
-def submit(client: httpx.Client, body: dict[str, Any]) -> str:
-    response = client.post("/v1/attacks", json=body)
-    assert response.status_code == 202, response.text
-    return str(response.json()["id"])
+from tests.integration.conftest import submit, wait
 
 
 def test_pgd_job_end_to_end(service: httpx.Client) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 import httpx
 import psutil
 
+from models.manifest import HOSTED_DIR, CardIndex
 from tests.conftest import REPO
-from tests.integration.test_end_to_end import free_port
+from tests.integration.conftest import free_port
 
 
 def redis_servers() -> set[int]:
@@ -44,7 +45,8 @@ def test_serve_starts_everything_and_sigterm_leaves_nothing(tmp_path: Path) -> N
         assert children, "expected a worker process"
         assert embedded, "expected an embedded redis-server"
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["models"]
-        assert [m["name"] for m in models] == ["fmnist-cnn", "fmnist-resnet18"]
+        hosted = CardIndex([HOSTED_DIR]).names()
+        assert [m["name"] for m in models] == hosted and {"fmnist-cnn", "fmnist-resnet18"} <= set(hosted)
 
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
