@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: run test lint unit models reproduce bench data install clean
+.PHONY: run test lint unit models reproduce bench data browser install clean
 
 run: install data
 	$(BIN)/adversa serve
 
-test: install data
+test: install data browser
 	$(BIN)/ruff check service workers models tests bench
 	$(BIN)/mypy
 	$(BIN)/python -c "import sys, service.app, service.cli; assert 'torch' not in sys.modules, 'gateway imported torch'"
@@ -34,7 +34,7 @@ models: install data
 reproduce: install data
 	$(BIN)/python -m bench.reproduce feature-squeezing
 	$(BIN)/python -m bench.reproduce fgsm-training
-	$(BIN)/python -m bench.reproduce distillation
+	$(BIN)/python -m bench.reproduce distillation --n 100 --epochs 2 --limit 20000
 
 # Every peer comparison, on the small CNN (512 images) and on the ResNet-18 (fewer images: it is
 # about 20x slower per image on a CPU). Results and the commands that made them: bench/results/.
@@ -72,6 +72,18 @@ data:
 	if [ ! -e $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz ]; then \
 		echo "downloading Fashion-MNIST with torchvision into var/data"; \
 		$(BIN)/python -c "from torchvision.datasets import FashionMNIST as F; F('var/data', train=True, download=True); F('var/data', train=False, download=True)"; \
+	fi
+
+# Headless Chromium and its driver for the report page's browser test: Debian's packages where apt
+# works and we are root; elsewhere that test skips and says how to get them.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium and chromium-driver with apt"; \
+		(apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)) >/dev/null \
+			|| echo "note: apt could not install chromium; the browser test will skip"; \
+	else \
+		echo "note: no chromium (needs root and apt-get: make browser); the browser test will skip"; \
 	fi
 
 clean:

@@ -1,4 +1,5 @@
-"""Model cards: what the registry knows about a model, readable without torch.
+"""Model and generator cards: what the registries know about a model or a trained AdvGAN
+generator, readable without torch.
 
 The gateway validates inputs against a card (shape, bounds, classes) before anything is queued,
 so this module must stay free of torch imports.
@@ -10,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +20,8 @@ HOSTED_DIR = Path(__file__).resolve().parent / "hosted"
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
 DETECTOR_FILE = "detector.json"
+GENERATOR_FILE = "generator.safetensors"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
 COMPOSITE_ARCHITECTURES = ("preprocessing", "ensemble")
 
 
@@ -67,14 +70,41 @@ class Composition(BaseModel):
         return (self.base,) if self.base is not None else self.members
 
 
-class ModelCard(BaseModel):
-    """A model card (manifest) of one version of one registered model."""
+class RegistryCard(BaseModel):
+    """What every card in a registry has: a kebab-case name, a version, and an owner (``team``;
+    null for hosted entries, which every team sees)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     version: int = Field(ge=1)
     team: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"expected a lowercase kebab-case name, got {value!r}")
+        return value
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def visible_to(self, team: str) -> bool:
+        return self.team is None or self.team == team
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def write(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+
+
+class ModelCard(RegistryCard):
+    """A model card (manifest) of one version of one registered model."""
+
     architecture: str
     input_shape: tuple[int, int, int]
     bounds: tuple[float, float] = (0.0, 1.0)
@@ -87,13 +117,6 @@ class ModelCard(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     lineage: Lineage
     description: str = ""
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError(f"expected a lowercase kebab-case name, got {value!r}")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
@@ -117,19 +140,71 @@ class ModelCard(BaseModel):
         return self.composition is None or self.composition.differentiable
 
     @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class GeneratorCard(RegistryCard):
+    """A trained AdvGAN generator (Xiao et al. 2018), one version of one name in the generator
+    registry (``<var>/generators/<name>/<version>/``: this card, ``generator.safetensors`` and
+    ``discriminator.safetensors``, each checked against its sha256 before it is parsed).
+
+    The generator maps inputs of ``input_shape`` in ``bounds`` to a perturbation inside the Linf
+    ``eps`` ball (by construction). It was trained against ``target_model`` (``mode``: through its
+    gradients, or only from its scores with a distilled surrogate), towards ``target_class`` when
+    ``targeted``. ``metrics``: success rate and perturbation norms measured on held-out data at the
+    end of training (and, black-box, the target queries spent); ``lineage``: how to retrain it.
+    """
+
+    kind: Literal["advgan"] = "advgan"
+    target_model: str = Field(description="name@version of the model it was trained against")
+    input_shape: tuple[int, int, int]
+    bounds: tuple[float, float] = (0.0, 1.0)
+    classes: tuple[str, ...]
+    eps: float = Field(gt=0, description="Linf bound of the perturbation, input units")
+    targeted: bool = False
+    target_class: int | None = Field(default=None, ge=0)
+    mode: Literal["semi-white-box", "black-box"]
+    generator_sha256: str = Field(pattern=_SHA256)
+    discriminator_sha256: str = Field(pattern=_SHA256)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    lineage: Lineage
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GeneratorCard:
+        low, high = self.bounds
+        if not low < high:
+            raise ValueError(f"expected bounds lo < hi, got {self.bounds}")
+        if self.eps > high - low:
+            raise ValueError(f"expected eps <= {high - low:g} (the bounds' range), got {self.eps:g}")
+        if len(self.classes) < 2:
+            raise ValueError("expected at least two classes")
+        if self.targeted != (self.target_class is not None):
+            raise ValueError("expected a target_class exactly when targeted")
+        if self.target_class is not None and self.target_class >= len(self.classes):
+            raise ValueError(f"expected target_class < {len(self.classes)}, got {self.target_class}")
+        return self
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @classmethod
-    def read(cls, path: Path) -> ModelCard:
-        return cls.model_validate(json.loads(path.read_text()))
+    @property
+    def files(self) -> dict[str, str]:
+        """File name -> the sha256 it must have."""
+        return {GENERATOR_FILE: self.generator_sha256, DISCRIMINATOR_FILE: self.discriminator_sha256}
 
-    def write(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+    def fits(self, card: ModelCard) -> str | None:
+        """Why this generator cannot attack ``card`` (None when it can): inputs and classes must match."""
+        for what in ("input_shape", "bounds", "classes"):
+            if getattr(self, what) != getattr(card, what):
+                return (f"expected a model with the {what} of the generator's target {self.target_model} "
+                        f"({getattr(self, what)}), got {getattr(card, what)} for {card.ref}")
+        return None
 
 
 class DetectorCard(BaseModel):
@@ -182,20 +257,22 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
-class CardIndex:
-    """Finds model cards under one or more roots laid out as ``<root>/<name>/<version>/card.json``.
+CardT = TypeVar("CardT", bound=RegistryCard)
 
-    Torch-free: the gateway uses it to list models and validate requests; the worker registry
-    uses it to find the weights next to the card.
+
+class VersionedIndex(Generic[CardT]):
+    """Finds cards under one or more roots laid out as ``<root>/<name>/<version>/card.json``
+    (the first root that has a version wins). Only directories named by a number and holding a
+    card count: staging directories, trash and tombstones of deleted versions are invisible.
+
+    Torch-free: the gateway uses it to list entries and validate requests; the workers use it to
+    find the weights next to the card.
     """
+
+    card_type: type[CardT]
 
     def __init__(self, roots: list[Path]) -> None:
         self.roots = roots
-
-    @classmethod
-    def default(cls, extra_roots: list[Path] | None = None) -> CardIndex:
-        """The hosted models first, then registered ones (``extra_roots``)."""
-        return cls([HOSTED_DIR, *(extra_roots or [])])
 
     def _versions(self, name: str) -> dict[int, Path]:
         found: dict[int, Path] = {}
@@ -227,14 +304,30 @@ class CardIndex:
         chosen = max(versions) if version is None else version
         return versions.get(chosen)
 
-    def card(self, ref: str) -> ModelCard | None:
+    def card(self, ref: str) -> CardT | None:
         """The card for ``name`` or ``name@version``, or None when there is none."""
         try:
             name, version = parse_ref(ref)
         except ValueError:
             return None
         directory = self.directory(name, version)
-        return None if directory is None else ModelCard.read(directory / CARD_FILE)
+        if directory is None:
+            return None
+        try:
+            return self.card_type.read(directory / CARD_FILE)
+        except FileNotFoundError:  # deleted between the listing and the read
+            return None
+
+
+class CardIndex(VersionedIndex[ModelCard]):
+    """The model registry: hosted models first, then registered ones."""
+
+    card_type = ModelCard
+
+    @classmethod
+    def default(cls, extra_roots: list[Path] | None = None) -> CardIndex:
+        """The hosted models first, then registered ones (``extra_roots``)."""
+        return cls([HOSTED_DIR, *(extra_roots or [])])
 
     def detector_paths(self, card: ModelCard, team: str | None) -> list[Path]:
         """Where a detector for ``card`` may be, the team's own first."""
@@ -251,3 +344,9 @@ class CardIndex:
             if path.is_file():
                 return DetectorCard.read(path)
         return None
+
+
+class GeneratorIndex(VersionedIndex[GeneratorCard]):
+    """The generator registry (``<var>/generators``)."""
+
+    card_type = GeneratorCard

@@ -7,11 +7,7 @@ inputs in the card's bounds and returns logits.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +18,7 @@ from torch import nn
 
 from models.architectures import Normalize, build
 from models.manifest import CARD_FILE, WEIGHTS_FILE, ModelCard
+from models.publish import PublishError, publish_files
 
 
 class ModelLoadError(RuntimeError):
@@ -81,41 +78,19 @@ def write_model(root: Path, card: ModelCard, weights: bytes) -> Path:
     return directory
 
 
-
 def publish(root: Path, card: ModelCard, weights: bytes | None, taken: Iterable[int] = ()) -> ModelCard:
     """Add ``card`` (and its weights) to the registry under ``root`` as the next free version.
 
     Everything is written into a staging directory first, which is then renamed to
-    ``root/<name>/<version>`` in one step: a worker killed half-way leaves no visible entry (only
-    a staging directory that the index ignores), and two jobs publishing the same name at once
-    get different versions (the rename fails for the second, which takes the next number).
-    ``taken`` lists versions used under other roots (hosted models).
+    ``root/<name>/<version>`` in one step (``models.publish.publish_files``): a worker killed
+    half-way leaves no visible entry, and two jobs publishing the same name at once get different
+    versions. ``taken`` lists versions used under other roots (hosted models).
     """
     if (weights is None) != (card.sha256 is None) or (
         weights is not None and sha256_hex(weights) != card.sha256
     ):
         raise ModelLoadError(f"{card.name}: weights and the card's sha256 do not match")
-    base = root / card.name
-    base.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=base))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the published model from other users
     try:
-        if weights is not None:
-            (staging / WEIGHTS_FILE).write_bytes(weights)
-        used = set(taken) | {int(p.name) for p in base.iterdir() if p.name.isdigit()}
-        version = max(used, default=0) + 1
-        for _ in range(100):
-            card = card.model_copy(update={"version": version})
-            card.write(staging / CARD_FILE)
-            try:
-                os.rename(staging, base / str(version))
-            except OSError as exc:
-                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                version += 1
-                continue
-            return card
-        raise ModelLoadError(f"{card.name}: no free version after 100 tries")
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        return publish_files(root, card, {} if weights is None else {WEIGHTS_FILE: weights}, taken)
+    except PublishError as exc:
+        raise ModelLoadError(str(exc)) from exc

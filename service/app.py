@@ -14,13 +14,13 @@ from fastapi import FastAPI
 from redis import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models.manifest import CardIndex
+from models.manifest import CardIndex, GeneratorIndex
 from models.store import FileStore
 from service import errors
 from service.errors import Problem, problem_response
 from service.metrics import instrument
 from service.queueing import Queues
-from service.routes import attacks, defenses, health, infer, jobs, models
+from service.routes import attacks, audits, defenses, generators, health, infer, jobs, models
 from service.settings import Settings
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -86,10 +86,11 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     app.state.redis = redis or Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
     app.state.queues = Queues(app.state.redis, settings)
     app.state.index = CardIndex.default([settings.models_root])
+    app.state.generators = GeneratorIndex([settings.generators_root])
     app.state.store = FileStore(settings.blob_root)
     errors.install(app)
     app.middleware("http")(instrument)
-    for module in (health, models, infer, attacks, defenses, jobs):
+    for module in (health, models, infer, generators, attacks, defenses, audits, jobs):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     _document_attack_schemas(app)

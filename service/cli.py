@@ -1,13 +1,31 @@
-"""The ``adversa`` command: ``serve``, ``worker``, ``models``."""
+"""The ``adversa`` command: ``serve``, ``worker``, ``models``, ``audit``.
+
+Torch-free: ``audit`` runs in CI images that have only the client's dependencies.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import logging
-from typing import Annotated
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from workers.audit.gate import GateError, GateLine, evaluate_gate, parse_eps, parse_gate
+from workers.audit.junit import junit_error, junit_xml
 
 app = typer.Typer(help="Adversa: adversarial-robustness service.", no_args_is_help=True)
 console = Console()
@@ -66,6 +84,366 @@ def models() -> None:
             table.add_row(card.name, str(card.version), card.architecture,
                           f"{accuracy:.4f}" if accuracy is not None else "-")
     console.print(table)
+
+
+API_KEY_ENV = "ADVERSA_API_KEY"
+TERMINAL = ("succeeded", "failed", "canceled")
+POST_RETRIES = 3  # retries after the first try; the Idempotency-Key makes them safe
+POLL_ERRORS = 10  # consecutive failed polls before giving up
+DATASET_LIMIT = 500
+
+
+class Suite(StrEnum):
+    quick = "quick"
+    standard = "standard"
+    minimal = "minimal"
+
+
+class AuditAbort(Exception):
+    """Ends ``adversa audit`` with exit code 2; ``job`` is the last job JSON seen, if any."""
+
+    def __init__(self, message: str, job: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.job = job
+
+
+def _load_array_inputs(path: Path, offset: int, limit: int | None) -> dict[str, Any]:
+    """A ``.npy`` (images) or ``.npz`` (``x``, optional ``y``) file as inline inputs."""
+    import numpy as np
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            x, y = loaded, None
+        else:
+            with loaded as archive:
+                if "x" not in archive.files:
+                    raise AuditAbort(f"expected an array named x in {path}, got {sorted(archive.files)}")
+                x = archive["x"]
+                y = archive["y"] if "y" in archive.files else None
+    except (OSError, ValueError, EOFError) as exc:
+        raise AuditAbort(f"expected a readable .npy or .npz file at {path}: {exc}") from None
+    if x.ndim < 3:
+        raise AuditAbort(f"expected images (N, C, H, W) or (N, H, W[, C]) in {path}, got shape {x.shape}")
+    if y is not None and (y.ndim != 1 or y.shape[0] != x.shape[0] or y.dtype.kind not in "iu"):
+        raise AuditAbort(f"expected y as {x.shape[0]} integer labels in {path}, "
+                         f"got shape {y.shape} dtype {y.dtype}")
+    if offset >= x.shape[0]:
+        raise AuditAbort(f"expected --offset below the {x.shape[0]} samples of {path}, got {offset}")
+    stop = None if limit is None else offset + limit
+    x = np.ascontiguousarray(x[offset:stop])
+    buffer = io.BytesIO()
+    np.save(buffer, x, allow_pickle=False)
+    inputs: dict[str, Any] = {"array": base64.b64encode(buffer.getvalue()).decode("ascii")}
+    if y is not None:
+        inputs["labels"] = [int(label) for label in y[offset:stop]]
+    return inputs
+
+
+def _inputs(data: str, offset: int, limit: int | None) -> dict[str, Any]:
+    path = Path(data)
+    if path.is_file():
+        return _load_array_inputs(path, offset, limit)
+    if ":" in data:
+        return {"dataset": data, "offset": offset, "limit": limit or DATASET_LIMIT}
+    raise AuditAbort(f"expected --data to be a .npy/.npz file or a hosted data set such as "
+                     f"fashion-mnist:test, got {data!r} (no such file)")
+
+
+def _eps_grid(options: Sequence[str]) -> dict[str, list[float]]:
+    """``["linf=1/255,8/255", "l2=0.5"]`` -> ``{"linf": [1/255, 8/255], "l2": [0.5]}``."""
+    grid: dict[str, list[float]] = {}
+    for option in options:
+        norm, equals, values = (part.strip() for part in option.partition("="))
+        if not equals or norm not in ("linf", "l2") or not values:
+            raise AuditAbort(f"expected --eps like linf=1/255,8/255,0.1 or l2=0.5, got {option!r}")
+        try:
+            grid.setdefault(norm, []).extend(parse_eps(v) for v in values.split(","))
+        except ValueError as exc:
+            raise AuditAbort(f"--eps {option!r}: {exc}") from None
+    return grid
+
+
+def _attacks(path: Path) -> list[Any]:
+    """The attack specs of ``--attacks-file``: a JSON list, or an object with an ``attacks`` list."""
+    try:
+        specs = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AuditAbort(f"expected a readable JSON file at --attacks-file {path}: {exc}") from None
+    if isinstance(specs, dict):
+        specs = specs.get("attacks")
+    if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) for s in specs):
+        raise AuditAbort(f"expected --attacks-file {path} to hold a non-empty list of attack objects "
+                         f"(or {{\"attacks\": [...]}})")
+    return specs
+
+
+def _problem(response: httpx.Response) -> str:
+    """``HTTP 422: <detail>`` from a problem+json answer (or the start of any other body)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("detail"):
+        return f"HTTP {response.status_code}: {body['detail']}"
+    return f"HTTP {response.status_code}: {response.text[:500] or response.reason_phrase}"
+
+
+def _retryable(response: httpx.Response) -> bool:
+    if response.status_code >= 500:
+        return True
+    if response.status_code == 409:  # the first try's enqueue is still in progress
+        try:
+            body = response.json()
+        except ValueError:
+            return False
+        return isinstance(body, dict) and body.get("code") == "idempotency-in-progress"
+    return False
+
+
+def _job_json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        job = response.json()
+    except ValueError:
+        job = None
+    if not isinstance(job, dict) or not isinstance(job.get("id"), str) or "status" not in job:
+        raise AuditAbort(f"expected a job object with id and status, got HTTP {response.status_code}: "
+                         f"{response.text[:300]}")
+    return job
+
+
+def _submit(client: httpx.Client, base: str, body: dict[str, Any], headers: dict[str, str],
+            console: Console, retry_delay: float, sleep: Callable[[float], None]) -> dict[str, Any]:
+    """POST the audit; retry connection errors and 5xx with the same Idempotency-Key."""
+    headers = {**headers, "Idempotency-Key": str(uuid.uuid4())}
+    problem = ""
+    for attempt in range(POST_RETRIES + 1):
+        try:
+            response = client.post(f"{base}/v1/audits", json=body, headers=headers)
+        except httpx.TransportError as exc:
+            problem = f"cannot reach {base}: {exc!r}"
+        else:
+            if response.status_code in (200, 201, 202):
+                return _job_json(response)
+            if not _retryable(response):
+                raise AuditAbort(_problem(response))
+            problem = _problem(response)
+        if attempt < POST_RETRIES:
+            console.print(f"[yellow]{escape(problem)}; retrying ({attempt + 1}/{POST_RETRIES})[/yellow]")
+            sleep(retry_delay * 2**attempt)
+    raise AuditAbort(f"{problem} (gave up after {POST_RETRIES + 1} tries)")
+
+
+def _stage_text(job: Mapping[str, Any]) -> str:
+    stage = job.get("stage")
+    text = str(job.get("status", "?"))
+    if isinstance(stage, dict) and stage:
+        text += " " + ", ".join(f"{key} {value}" for key, value in stage.items())
+    return escape(text)
+
+
+def _wait(client: httpx.Client, base: str, job: dict[str, Any], headers: dict[str, str],
+          timeout: float, poll: float, console: Console, sleep: Callable[[float], None],
+          clock: Callable[[], float]) -> dict[str, Any]:
+    """Poll ``GET /v1/jobs/{id}`` until the job ends; AuditAbort on timeout or a refused poll."""
+    deadline = clock() + timeout
+    url = f"{base}/v1/jobs/{job['id']}"
+    errors = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(_stage_text(job), total=1.0)
+        progress.update(task, completed=float(job.get("progress") or 0))
+        while job.get("status") not in TERMINAL:
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise AuditAbort(f"timed out after {timeout:g} s: job {job['id']} is still "
+                                 f"{job.get('status')} (it keeps running; DELETE {url} cancels it)", job)
+            sleep(min(poll, remaining))
+            try:
+                response = client.get(url, headers=headers)
+            except httpx.TransportError as exc:
+                problem = f"cannot reach {base}: {exc!r}"
+            else:
+                if response.status_code == 200:
+                    job, errors = _job_json(response), 0
+                    progress.update(task, description=_stage_text(job),
+                                    completed=float(job.get("progress") or 0))
+                    continue
+                if response.status_code < 500:
+                    raise AuditAbort(f"polling job {job['id']}: {_problem(response)}", job)
+                problem = _problem(response)
+            errors += 1
+            if errors >= POLL_ERRORS:
+                raise AuditAbort(f"polling job {job['id']}: {problem} ({errors} times in a row)", job)
+        if job.get("status") == "succeeded":
+            progress.update(task, completed=1.0)
+    return job
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _print_summary(result: Mapping[str, Any], gate: Mapping[str, Any] | None, report_url: str,
+                   console: Console) -> None:
+    title = f"audit of {result.get('model', '?')} (suite {result.get('suite', '?')}, n={result.get('n', '?')})"
+    console.print(f"[bold]{escape(title)}[/bold]")
+    table = Table("metric", "value")
+    table.add_row("clean accuracy", _fmt(result.get("clean_accuracy")))
+    for key, value in (result.get("robust_accuracy") or {}).items():
+        table.add_row(escape(f"robust accuracy @ {key}"), _fmt(value))
+    for attack, entry in (result.get("minimal") or {}).items():
+        for norm in ("l2", "linf"):
+            if isinstance(entry, dict) and entry.get(f"median_{norm}") is not None:
+                table.add_row(escape(f"{attack}: median {norm}"), _fmt(entry[f"median_{norm}"]))
+    detector = result.get("detector") or {}
+    for key, value in (detector.get("detect_reject_accuracy") or {}).items():
+        table.add_row(escape(f"detect/reject accuracy @ {key}"), _fmt(value))
+    for run in result.get("transfer") or []:
+        table.add_row(escape(f"transfer from {run.get('surrogate')} @ {run.get('eps_label')}"),
+                      _fmt(run.get("success_rate")))
+    masking = result.get("masking_checks") or {}
+    status = masking.get("status", "-")
+    table.add_row("masking checks", f"[green]{status}[/green]" if status == "pass" else
+                  f"[yellow]{escape(str(status))}[/yellow]")
+    console.print(table)
+    for check in masking.get("checks") or []:
+        if check.get("status") != "pass":
+            console.print(f"[yellow]{escape(str(check.get('status')))}[/yellow] "
+                          f"{escape(str(check.get('name')))}: {escape(str(check.get('evidence')))}")
+    if gate and gate.get("lines"):
+        lines = Table("gate line", "measured", "result", "detail")
+        for line in gate["lines"]:
+            verdict = "[green]PASS[/green]" if line.get("passed") else "[red]FAIL[/red]"
+            lines.add_row(escape(str(line.get("expression"))), _fmt(line.get("value")), verdict,
+                          escape(str(line.get("detail", ""))))
+        console.print(lines)
+        colour = "green" if gate.get("verdict") == "pass" else "red"
+        console.print(f"gate verdict: [{colour}]{escape(str(gate.get('verdict')).upper())}[/{colour}]")
+    console.print(f"report: {escape(report_url)}", soft_wrap=True)
+
+
+def _write(path: Path | None, data: bytes) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def run_audit(client: httpx.Client, *, url: str, model: str, data: str, console: Console,
+              offset: int = 0, limit: int | None = None, suite: str | None = None,
+              attacks_file: Path | None = None, eps: Sequence[str] = (), gate: Sequence[str] = (),
+              surrogates: Sequence[str] = (), seed: int | None = None, junit: Path | None = None,
+              json_out: Path | None = None, timeout: float = 3600, poll: float = 2,
+              retry_delay: float = 1.0, sleep: Callable[[float], None] = time.sleep,
+              clock: Callable[[], float] = time.monotonic) -> int:
+    """Start an audit, follow it, print and write its report. Exit code: 0 the gate passed (or
+    there was none), 1 it failed, 2 anything else went wrong (then ``junit`` holds an error case).
+    The bearer key comes from ``ADVERSA_API_KEY`` only, never from an argument."""
+    base = url.rstrip("/")
+    suite_name = f"adversa audit {model}"
+    headers = {"Accept": "application/json"}
+    if key := os.environ.get(API_KEY_ENV):
+        headers["Authorization"] = f"Bearer {key}"
+    job: Mapping[str, Any] | None = None
+    try:
+        try:
+            lines: list[GateLine] = parse_gate(list(gate))
+        except GateError as exc:
+            raise AuditAbort(f"--gate: {exc}") from None
+        if attacks_file is not None and suite is not None:
+            raise AuditAbort("expected --suite or --attacks-file, got both")
+        body: dict[str, Any] = {"model": model, "inputs": _inputs(data, offset, limit)}
+        if attacks_file is not None:
+            body["attacks"] = _attacks(attacks_file)
+        else:
+            body["suite"] = suite or Suite.standard.value
+        if eps:
+            body["eps"] = _eps_grid(eps)
+        body["thresholds"] = [line.expression for line in lines]
+        body["surrogates"] = list(surrogates)
+        if seed is not None:
+            body["seed"] = seed
+        job = _submit(client, base, body, headers, console, retry_delay, sleep)
+        console.print(f"audit job {escape(job['id'])} accepted: {escape(base)}/v1/jobs/{escape(job['id'])}",
+                      soft_wrap=True)
+        job = _wait(client, base, job, headers, timeout, poll, console, sleep, clock)
+        if job.get("status") != "succeeded":
+            error = job.get("error") or {}
+            raise AuditAbort(f"job {job['id']} {job.get('status')}: "
+                             f"{error.get('code', '-')}: {error.get('message', 'no error recorded')}", job)
+        result = job.get("result")
+        if not isinstance(result, dict):
+            raise AuditAbort(f"job {job['id']} succeeded without a result", job)
+    except AuditAbort as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        job = exc.job or job
+        try:
+            if job is not None:
+                _write(json_out, json.dumps(job, indent=2).encode())
+            _write(junit, junit_error(str(exc), suite_name, model=model))
+        except OSError as write_error:
+            console.print(f"[red]error:[/red] cannot write the report: {escape(str(write_error))}")
+        return 2
+
+    report = result.get("gate")
+    if report is None and lines:  # an older server: judge here, never pass unjudged lines
+        report = evaluate_gate(lines, result)
+        result = {**result, "gate": report}
+    report_url = f"{base}/v1/jobs/{job['id']}/artifacts/report.html"
+    _print_summary(result, report, report_url, console)
+    try:
+        _write(json_out, json.dumps(job, indent=2).encode())
+        _write(junit, junit_xml(result, suite_name, extra_properties={"job": job["id"], "report": report_url}))
+    except OSError as exc:
+        console.print(f"[red]error:[/red] cannot write the report: {escape(str(exc))}")
+        return 2
+    return 0 if report is None or report.get("verdict") == "pass" else 1
+
+
+@app.command()
+def audit(
+    url: Annotated[str, typer.Option(
+        envvar="ADVERSA_URL", metavar="URL", help="the gateway, e.g. http://127.0.0.1:8000")],
+    model: Annotated[str, typer.Option(metavar="NAME", help="the model to audit: name or name@version")],
+    data: Annotated[str, typer.Option(
+        metavar="FILE|DATASET",
+        help="a .npy (float32 NCHW in [0, 1] or uint8 NHWC) or .npz (x, optional labels y) file, "
+             "or a hosted data set such as fashion-mnist:test")],
+    offset: Annotated[int, typer.Option(min=0, metavar="N", help="first sample")] = 0,
+    limit: Annotated[int | None, typer.Option(
+        min=1, metavar="N", help="samples (default: 500 of a data set, all of a file)")] = None,
+    suite: Annotated[Suite | None, typer.Option(help="attack battery (default: standard)")] = None,
+    attacks_file: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="JSON list of attack specs, instead of --suite")] = None,
+    eps: Annotated[list[str] | None, typer.Option(
+        metavar="NORM=EPS,...",
+        help="eps grid of a norm, e.g. linf=1/255,8/255,0.1 (repeat for l2=...)")] = None,
+    gate: Annotated[list[str] | None, typer.Option(
+        metavar="EXPR", help="threshold, e.g. 'robust_accuracy@linf:8/255 >= 0.4' (repeatable)")] = None,
+    surrogate: Annotated[list[str] | None, typer.Option(
+        metavar="NAME", help="surrogate model for transfer attacks (repeatable)")] = None,
+    junit: Annotated[Path | None, typer.Option(metavar="FILE", help="write a JUnit XML report here")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", metavar="FILE", help="write the job JSON here")] = None,
+    timeout: Annotated[float, typer.Option(min=0, metavar="S", help="seconds to wait for the job")] = 3600,
+    poll: Annotated[float, typer.Option(min=0.1, metavar="S", help="seconds between polls")] = 2,
+    seed: Annotated[int | None, typer.Option(
+        metavar="N", help="seed of the job (default: chosen by the server)")] = None,
+) -> None:
+    """Audit a model's robustness on the service and gate on thresholds (for CI).
+
+    Exit code 0: the gate passed (or none was given); 1: it failed; 2: an error.
+
+    The API key is read from the environment variable ADVERSA_API_KEY."""
+    with httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0)) as client:
+        code = run_audit(client, url=url, model=model, data=data, console=console, offset=offset,
+                         limit=limit, suite=suite.value if suite else None, attacks_file=attacks_file,
+                         eps=eps or (), gate=gate or (), surrogates=surrogate or (), seed=seed,
+                         junit=junit, json_out=json_out, timeout=timeout, poll=poll)
+    raise typer.Exit(code)
 
 
 def main() -> None:

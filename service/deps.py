@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from redis import Redis
 
-from models.manifest import CardIndex, ModelCard
+from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from models.store import BlobStore
 from service.errors import Problem
 from service.queueing import Queues
@@ -32,6 +32,10 @@ def get_index(request: Request) -> CardIndex:
     return request.app.state.index  # type: ignore[no-any-return]
 
 
+def get_generators(request: Request) -> GeneratorIndex:
+    return request.app.state.generators  # type: ignore[no-any-return]
+
+
 def get_store(request: Request) -> BlobStore:
     return request.app.state.store  # type: ignore[no-any-return]
 
@@ -40,6 +44,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 QueueDep = Annotated[Queues, Depends(get_queues)]
 RegistryDep = Annotated[CardIndex, Depends(get_index)]
+GeneratorsDep = Annotated[GeneratorIndex, Depends(get_generators)]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
 
 
@@ -65,4 +70,13 @@ def visible_card(index: CardIndex, ref: str, team: str) -> ModelCard:
     if card is None or (card.team is not None and card.team != team):
         raise Problem(404, f"model: expected a registered model name (GET /v1/models), got {ref!r}",
                       field="model", code="unknown-model")
+    return card
+
+
+def visible_generator(index: GeneratorIndex, ref: str, team: str, field: str = "generator") -> GeneratorCard:
+    """The card of the generator ``ref`` if this team may use it, else 404 naming ``field``."""
+    card = index.card(ref)
+    if card is None or not card.visible_to(team):
+        raise Problem(404, f"{field}: expected a trained generator (GET /v1/attacks/generators), "
+                           f"got {ref!r}", field=field, code="unknown-generator")
     return card

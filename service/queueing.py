@@ -12,7 +12,7 @@ from typing import Any
 from redis import Redis
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Dependency, Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
@@ -21,7 +21,7 @@ from workers.settings import CommonSettings
 from workers.specs import JobError, JobState, JobView
 
 IDEMPOTENCY_KEY = "adversa:idem:{}:{}"
-QUEUE_NAMES = ("predict", "attacks", "defenses")
+QUEUE_NAMES = ("predict", "attacks", "defenses", "audits")
 
 
 @dataclass
@@ -35,12 +35,12 @@ class Queues:
 
     def enqueue(self, queue: str, func: str, payload: dict[str, Any], *, job_id: str,
                 meta: dict[str, Any], timeout: int | None = None, result_ttl: int | None = None,
-                ) -> Job:
+                depends_on: Dependency | None = None) -> Job:
         return self.queue(queue).enqueue_call(
             func, args=(payload,), job_id=job_id, meta=meta,
             timeout=timeout or self.settings.job_timeout_s,
             result_ttl=result_ttl or self.settings.result_ttl_s,
-            failure_ttl=self.settings.result_ttl_s,
+            failure_ttl=self.settings.result_ttl_s, depends_on=depends_on,
         )
 
     def fetch(self, job_id: str) -> Job | None:
@@ -57,7 +57,12 @@ class Queues:
         return {name: self.queue(name).count for name in QUEUE_NAMES}
 
     def cancel(self, job: Job) -> None:
-        """Cancel a queued job at once; ask a running one to stop at its next chunk."""
+        """Cancel a queued job at once; ask a running one to stop at its next chunk. An audit
+        cancels its chunk jobs too."""
+        for chunk_id in job.meta.get("chunks", []) if job.meta.get("kind") == "audit" else []:
+            chunk = self.fetch(chunk_id)
+            if chunk is not None and chunk.get_status() not in (JobStatus.FINISHED, JobStatus.FAILED):
+                self.cancel(chunk)
         job.meta["cancel_requested"] = True
         job.save_meta()
         self.redis.set(CANCEL_KEY.format(job.id), 1, ex=self.settings.result_ttl_s)
@@ -106,12 +111,47 @@ def _iso(value: datetime | None) -> str | None:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
 
 
+def _audit_state(job: Job, state: JobState
+                 ) -> tuple[JobState, float, dict[str, Any] | None, dict[str, str] | None]:
+    """An audit is its merge job plus its chunk jobs: running as soon as a chunk runs, failed as
+    soon as one fails, with the chunks' mean progress."""
+    chunks = [c for c in (Job.fetch_many(job.meta.get("chunks", []), connection=job.connection,
+                                          serializer=job.serializer)) if c is not None]
+    states = [state_of(c) for c in chunks]
+    done = sum(s == JobState.succeeded for s in states)
+    progress = sum(1.0 if s == JobState.succeeded else float(c.meta.get("progress", 0.0))
+                   for c, s in zip(chunks, states, strict=True))
+    stage = {"chunks": len(job.meta.get("chunks", [])), "chunks_done": done,
+             "chunks_running": sum(s == JobState.running for s in states)}
+    error = None
+    if state in (JobState.queued, JobState.running):
+        for c, s in zip(chunks, states, strict=True):
+            if s in (JobState.failed, JobState.canceled):
+                state = s
+                raw = c.meta.get("error") or {}
+                error = {"code": raw.get("code", "worker-lost" if s == JobState.failed else "canceled"),
+                         "message": f"chunk {c.meta.get('chunk')}: " + raw.get(
+                             "message", "its worker stopped (killed or lost)" if s == JobState.failed
+                             else "canceled")}
+                break
+        else:
+            if any(s != JobState.queued for s in states):
+                state = JobState.running
+    fraction = 0.95 * progress / max(len(chunks), 1)
+    return state, fraction, stage, error
+
+
 def view(job: Job) -> JobView:
     job.refresh()
     state = state_of(job)
+    audit = job.meta.get("kind") == "audit" and state not in (JobState.succeeded,)
+    stage = job.meta.get("stage")
+    audit_error = None
+    if audit:
+        state, audit_progress, stage, audit_error = _audit_state(job, state)
     error = None
     if state in (JobState.failed, JobState.canceled):
-        raw = job.meta.get("error")
+        raw = audit_error or job.meta.get("error")
         if raw:
             error = JobError(code=raw["code"], message=raw["message"])
         elif state == JobState.canceled:
@@ -124,12 +164,14 @@ def view(job: Job) -> JobView:
                              "(killed or timed out)")
     result = job.return_value() if state == JobState.succeeded else None
     progress = 1.0 if state == JobState.succeeded else float(job.meta.get("progress", 0.0))
+    if audit:
+        progress = audit_progress
     return JobView(
         id=job.id,
         kind=job.meta.get("kind", "unknown"),
         status=state,
         progress=progress,
-        stage=job.meta.get("stage"),
+        stage=stage,
         model=job.meta.get("model"),
         created_at=_iso(job.created_at),
         started_at=_iso(job.started_at),

@@ -1,4 +1,5 @@
-"""Warm models: an LRU of loaded ``Classifier`` handles per device, and tuned chunk sizes.
+"""Warm models: an LRU of loaded ``Classifier`` handles per device, and tuned chunk sizes; and
+an LRU of trained AdvGAN generators, for the ``advgan`` attack.
 
 Loading weights per job wastes seconds and a fork per job breaks CUDA, so workers keep models in
 memory. Chunk size changes speed as much as code does (on 2 CPU cores the small CNN runs
@@ -17,11 +18,13 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from models.manifest import CardIndex, ModelCard, parse_ref
-from models.registry import load_module
+from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard, parse_ref
+from models.registry import ModelLoadError, load_module
 from workers.classifier import Classifier
 from workers.defenses.compose import build_composite
+from workers.generators.registry import load_generator
 
 log = logging.getLogger(__name__)
 CANDIDATE_BATCHES = (32, 64, 128, 256, 512)
@@ -36,6 +39,10 @@ def card_key(card: ModelCard) -> str:
 
 class UnknownModelError(LookupError):
     """No model of that name or version in the registry."""
+
+
+class UnknownGeneratorError(LookupError):
+    """No generator of that name or version in the generator registry (never trained, or deleted)."""
 
 
 class ModelCache:
@@ -124,3 +131,48 @@ class ModelCache:
         tmp = self.tuning_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(known, indent=2, sort_keys=True))
         tmp.replace(self.tuning_file)
+
+
+class GeneratorCache:
+    """Loads trained generators on first use and keeps the ``capacity`` most recent, on ``device``.
+
+    Entries are keyed by reference and weights digest, and every ``get`` looks the card up again:
+    a deleted generator is refused even while its weights are still in memory.
+    """
+
+    def __init__(self, index: GeneratorIndex, device: torch.device, capacity: int = 4) -> None:
+        self.index = index
+        self.device = device
+        self.capacity = capacity
+        self._generators: OrderedDict[tuple[str, str], tuple[GeneratorCard, nn.Module]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def resolve(self, ref: str) -> GeneratorCard:
+        card = self.index.card(ref)
+        if card is None:
+            raise UnknownGeneratorError(f"expected a trained generator, got {ref!r}")
+        return card
+
+    def get(self, ref: str) -> tuple[GeneratorCard, nn.Module]:
+        card = self.resolve(ref)
+        key = (card.ref, card.generator_sha256)
+        with self._lock:
+            if key in self._generators:
+                self._generators.move_to_end(key)
+                return self._generators[key]
+            name, version = parse_ref(card.ref)
+            directory = self.index.directory(name, version)
+            if directory is None:
+                raise UnknownGeneratorError(f"expected a trained generator, got {ref!r} (deleted)")
+            try:
+                loaded = load_generator(directory, self.device)
+            except (OSError, ModelLoadError) as exc:
+                if self.index.card(card.ref) is None:  # deleted while loading
+                    raise UnknownGeneratorError(f"expected a trained generator, got {ref!r} "
+                                                "(deleted)") from exc
+                raise
+            self._generators[key] = loaded
+            while len(self._generators) > self.capacity:
+                evicted, _ = self._generators.popitem(last=False)
+                log.info("evicted generator %s from the cache", evicted[0])
+            return loaded

@@ -11,7 +11,7 @@ import dataclasses
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,19 +22,20 @@ from rq import get_current_job
 from rq.job import Job
 
 from models.datasets import load_split
-from models.manifest import CardIndex, ModelCard
+from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
+from models.registry import ModelLoadError
 from models.store import BlobStore, FileStore
 from workers.artifacts import csv_bytes, grid_png, npy_bytes
 from workers.attacks.base import project
 from workers.attacks.catalog import KERNELS
-from workers.cache import ModelCache, UnknownModelError
+from workers.cache import GeneratorCache, ModelCache, UnknownGeneratorError, UnknownModelError
 from workers.classifier import Classifier
 from workers.defenses.squeeze import squeeze_logits_and_scores
 from workers.device import pick_device
 from workers.errors import CANCEL_KEY, InvalidJob, JobCanceled, JobFailure
 from workers.scores import Evaluation, evaluate, quantize, summarize
 from workers.settings import WorkerSettings
-from workers.specs import MINIMAL_ATTACKS, AttackJob, PredictJob
+from workers.specs import MINIMAL_ATTACKS, AdvGANParams, AttackJob, PredictJob
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Context:
     settings: WorkerSettings
     store: BlobStore
     cache: ModelCache
+    generators: GeneratorCache
 
 
 _context: Context | None = None
@@ -56,7 +58,9 @@ def make_context(settings: WorkerSettings) -> Context:
     device = pick_device(settings.device)
     cache = ModelCache(index, device, settings.model_cache_size,
                        settings.var_dir / "batch_sizes.json")
-    return Context(settings, FileStore(settings.blob_root), cache)
+    generators = GeneratorCache(GeneratorIndex([settings.generators_root]), device,
+                                settings.model_cache_size)
+    return Context(settings, FileStore(settings.blob_root), cache, generators)
 
 
 def install_context(context: Context) -> None:
@@ -129,23 +133,60 @@ def choose_targets(
     return (y + shift) % num_classes
 
 
-def kernel_spec(attack: Any) -> tuple[Any, Any]:
+def kernel_spec(attack: Any, loaded: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+    """The kernel and its spec dataclass for ``attack`` (its pydantic params). ``loaded``: spec
+    fields the job loaded itself (``advgan``: the trained generator and the eps and targeting of
+    its card, see ``load_attack``); they take precedence over the params."""
     kernel, spec_cls = KERNELS[attack.name]
     fields = {f.name for f in dataclasses.fields(spec_cls)}
     values = {k: v for k, v in attack.model_dump().items() if k in fields}
+    values.update(loaded or {})
     if "check" in fields:
         values["check"] = False  # the job judges every output itself
     return kernel, spec_cls(**values)
 
 
+@dataclass(frozen=True)
+class LoadedAttack:
+    """What an attack needs beyond its parameters, loaded by the job: ``spec_fields`` for
+    ``kernel_spec``/``craft``, the per-input ``targets`` it implies (None: choose them as usual)
+    and the ``generator`` card that it came from."""
+
+    spec_fields: dict[str, Any]
+    targets: torch.Tensor | None = None
+    generator: GeneratorCard | None = None
+
+
+def load_attack(attack: Any, ctx: Context, card: ModelCard, y: torch.Tensor) -> LoadedAttack:
+    """``advgan``: the trained generator (from the worker's cache, on the model's device), its
+    card's eps and targeting, and its one target class for every input. Other attacks: nothing.
+    Checks again what the gateway checked (the queue is a trust boundary too)."""
+    if not isinstance(attack, AdvGANParams):
+        return LoadedAttack({})
+    try:
+        gen_card, network = ctx.generators.get(attack.generator)
+    except UnknownGeneratorError as exc:
+        raise JobFailure(f"attack.generator: {exc}", "unknown-generator") from exc
+    except ModelLoadError as exc:
+        raise JobFailure(f"attack.generator: {exc}", "generator-load-failed") from exc
+    mismatch = gen_card.fits(card)
+    if mismatch is not None:
+        raise JobFailure(f"attack.generator: {mismatch}", "incompatible-generator")
+    network = network.to(y.device)
+    targets = torch.full_like(y, gen_card.target_class) if gen_card.target_class is not None else None
+    fields = {"generator": network, "eps": gen_card.eps, "targeted": gen_card.targeted}
+    return LoadedAttack(fields, targets, gen_card)
+
+
 def craft(
     model: Classifier, x: torch.Tensor, y: torch.Tensor, attack: Any, batch_size: int,
     generator: torch.Generator, targets: torch.Tensor | None = None,
-    on_chunk: Callable[[int], None] | None = None,
+    on_chunk: Callable[[int], None] | None = None, loaded: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``attack`` (its pydantic params) over ``x`` chunk by chunk: ``x_adv`` and the
-    per-sample queries and gradient calls. ``on_chunk(processed)`` runs after each chunk."""
-    kernel, kspec = kernel_spec(attack)
+    per-sample queries and gradient calls. ``on_chunk(processed)`` runs after each chunk;
+    ``loaded``: see ``kernel_spec``."""
+    kernel, kspec = kernel_spec(attack, loaded)
     x_adv = torch.empty_like(x)
     queries = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     gradients = torch.zeros_like(queries)
@@ -160,9 +201,9 @@ def craft(
         if on_chunk is not None:
             on_chunk(stop)
     # Never trust the kernel's own loop: project once more (the caller judges the final tensor).
-    eps = getattr(attack, "eps", None)
+    eps = getattr(kspec, "eps", None)
     if eps is not None:
-        x_adv = project(x_adv, x, eps, getattr(attack, "norm", "linf"), model.bounds)
+        x_adv = project(x_adv, x, eps, getattr(kspec, "norm", "linf"), model.bounds)
     else:
         x_adv = x_adv.clamp(*model.bounds)
     return x_adv, queries, gradients
@@ -210,7 +251,9 @@ def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
     labels_given = y_np is not None
     y = torch.from_numpy(y_np).to(device) if y_np is not None else clean_pred.clone()
     generator = torch.Generator(device=device).manual_seed(spec.seed)
-    targets = choose_targets(spec.attack, attacker_logits, y, card.num_classes, generator)
+    loaded = load_attack(spec.attack, ctx, attacker_card, y)
+    targets = loaded.targets if loaded.targets is not None else choose_targets(
+        spec.attack, attacker_logits, y, card.num_classes, generator)
     log.info("%s: %s on %s (crafted on %s), %d inputs, chunks of %d", spec.job_id,
              spec.attack.name, card.ref, attacker_card.ref, x.shape[0], batch_size)
 
@@ -221,7 +264,7 @@ def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
 
     _check_cancel(job)
     x_adv, queries, gradients = craft(attacker, x, y, spec.attack, batch_size, generator,
-                                      targets, on_chunk)
+                                      targets, on_chunk, loaded.spec_fields)
     minimal = spec.attack.name in MINIMAL_ATTACKS
     ev = evaluate(model, x, y, x_adv, clean_pred, targets, batch_size)
     x_q = quantize(x_adv, card.bounds)
@@ -243,10 +286,17 @@ def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
         "attack": spec.attack.model_dump(),
         "model": card.ref,
         "surrogate": attacker_card.ref if attacker is not model else None,
+        **({"generator": generator_summary(loaded.generator)} if loaded.generator is not None else {}),
         "seed": spec.seed,
         "batch_size": batch_size,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def generator_summary(card: GeneratorCard) -> dict[str, Any]:
+    """What an ``advgan`` result says about the generator it ran."""
+    return {"generator": card.ref, "target_model": card.target_model, "mode": card.mode, "eps": card.eps,
+            "targeted": card.targeted, "target_class": card.target_class}
 
 
 def transfer_scores(

@@ -28,6 +28,10 @@ class Evaluation:
     l2: torch.Tensor
     l0: torch.Tensor
     rho: torch.Tensor
+    # Inputs the success rate is taken over: classified correctly and, targeted, not already of
+    # the target class (an AdvGAN generator has one target class for every input). None: the
+    # correctly classified ones.
+    eligible: torch.Tensor | None = None
 
 
 def quantize(x: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
@@ -49,7 +53,8 @@ def evaluate(
     probs = logits.softmax(dim=1)
     adv_pred = logits.argmax(dim=1)
     reached = adv_pred == targets if targets is not None else adv_pred != y
-    success = (clean_pred == y) & reached
+    eligible = (clean_pred == y) & (targets != y if targets is not None else True)
+    success = eligible & reached
     delta = x_adv - x
     return Evaluation(
         adv_pred=adv_pred,
@@ -59,6 +64,7 @@ def evaluate(
         l2=flat_norm(delta, "l2"),
         l0=(delta.flatten(1).abs() > L0_TOLERANCE).sum(dim=1).to(x.dtype),
         rho=flat_norm(delta, "l2") / flat_norm(x, "l2").clamp_min(1e-12),
+        eligible=eligible,
     )
 
 
@@ -83,13 +89,13 @@ def summarize(
     """The DESIGN.md score block for one evaluation (without cost counters)."""
     correct = clean_pred == y
     ok = ev.success
-    n_correct = int(correct.sum())
+    n_eligible = int((ev.eligible if ev.eligible is not None else correct).sum())
     return {
         "n": int(y.numel()),
         "labels": "given" if labels_given else "predicted",
         "clean_accuracy": _mean(correct) if labels_given else None,
         "robust_accuracy": _mean(ev.adv_pred == y),
-        "success_rate": float(ok.sum()) / n_correct if n_correct else None,
+        "success_rate": float(ok.sum()) / n_eligible if n_eligible else None,
         "successes": int(ok.sum()),
         "perturbation": {
             "linf": _stats(ev.linf[ok]),

@@ -31,6 +31,10 @@ class CommonSettings(BaseSettings):
     def models_root(self) -> Path:
         return self.var_dir / "models"
 
+    @property
+    def generators_root(self) -> Path:
+        return self.var_dir / "generators"
+
     def queue_name(self, name: str) -> str:
         return f"{self.queue_prefix}{name}"
 
@@ -38,4 +42,4 @@ class CommonSettings(BaseSettings):
 class WorkerSettings(CommonSettings):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     model_cache_size: int = Field(default=4, ge=1)
-    queues: list[str] = ["predict", "attacks", "defenses"]
+    queues: list[str] = ["predict", "attacks", "defenses", "audits"]

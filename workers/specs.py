@@ -176,13 +176,23 @@ class HopSkipJumpParams(Targeting):
     gamma: float = Field(default=1.0, gt=0, le=1e3)
 
 
+class AdvGANParams(Strict):
+    """AdvGAN (Xiao et al. 2018): a generator trained by ``POST /v1/attacks/generators`` perturbs
+    each input in one forward pass (Linf). ``eps`` and targeting come from the generator's card: a
+    targeted generator aims every input at its one class (success = hitting it)."""
+
+    name: Literal["advgan"]
+    generator: str = Field(description="a trained generator, `name` or `name@version` "
+                                       "(GET /v1/attacks/generators)")
+
+
 AttackParams = Annotated[
     FGSMParams | PGDParams | DeepFoolParams | MIFGSMParams | CarliniWagnerL2Params | JSMAParams
-    | APGDParams | APGDTParams | SquareParams | HopSkipJumpParams,
+    | APGDParams | APGDTParams | SquareParams | HopSkipJumpParams | AdvGANParams,
     Field(discriminator="name"),
 ]
 ATTACK_NAMES = ("fgsm", "pgd", "deepfool", "mi-fgsm", "carlini-wagner-l2", "jsma", "apgd-ce",
-                "apgd-t", "square", "hop-skip-jump")
+                "apgd-t", "square", "hop-skip-jump", "advgan")
 BLACK_BOX_ATTACKS = frozenset({"square", "hop-skip-jump"})
 MINIMAL_ATTACKS = frozenset({"deepfool", "carlini-wagner-l2", "hop-skip-jump", "jsma"})
 
@@ -413,6 +423,58 @@ class DefenseRequest(Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
 
 
+# --- AdvGAN generators ----------------------------------------------------------------------
+
+
+def _generator_evaluation() -> DatasetInputs:
+    return DatasetInputs(dataset="fashion-mnist:test", offset=0, limit=1000)
+
+
+class AdvGANTraining(Strict):
+    """How to train an AdvGAN generator (Xiao et al. 2018) against a registry model.
+
+    The perturbation is ``eps * tanh(G(x))``, clipped to the input bounds: inside the Linf ball by
+    construction. The generator's loss is ``adv_weight`` x the C&W margin on the target's logits
+    (floored at ``-kappa``) + ``gan_weight`` x the least-squares GAN loss + ``hinge_weight`` x the
+    hinge on the perturbation's L2 norm above ``hinge_bound``.
+    """
+
+    eps: float = Field(default=0.3, gt=0, description="Linf bound, input units (0.3: the paper's MNIST "
+                                                      "setting)")
+    targeted: bool = Field(default=False, description="aim at `target_class` instead of any wrong class")
+    target_class: int | None = Field(default=None, ge=0, description="the one class a targeted generator "
+                                                                     "aims at (targeted only)")
+    adv_weight: float = Field(default=10.0, ge=0, le=1e4)
+    gan_weight: float = Field(default=1.0, ge=0, le=1e4)
+    hinge_weight: float = Field(default=1.0, ge=0, le=1e4)
+    hinge_bound: float | None = Field(default=None, ge=0, description="L2, input units; default eps x "
+                                      "sqrt(10% of the input's values): eps on a tenth of the pixels")
+    kappa: float = Field(default=0.0, ge=0, le=1e4, description="margin floor of the adversarial loss")
+    epochs: int = Field(default=10, ge=1, le=200)
+    batch_size: int = Field(default=128, ge=8, le=4096)
+    lr: float = Field(default=1e-3, gt=0, le=1, description="Adam (betas 0.5, 0.999) for G and D")
+    data: str = Field(default="fashion-mnist:train", description="hosted data set to train on")
+    limit: int | None = Field(default=None, ge=1, description="train on the first `limit` samples")
+    mode: Literal["semi-white-box", "black-box"] = Field(
+        default="semi-white-box",
+        description="semi-white-box: gradients through the target; black-box: the target only "
+                    "answers scores, a small-cnn surrogate is distilled from them while G trains")
+    distill_steps: int = Field(default=1, ge=1, le=20, description="black-box: surrogate steps per "
+                                                                   "generator step")
+    surrogate_lr: float = Field(default=1e-3, gt=0, le=1, description="black-box: the surrogate's Adam")
+    evaluation: DatasetInputs = Field(default_factory=_generator_evaluation,
+                                      description="held-out data the card's success rate is measured on")
+
+
+class GeneratorRequest(AdvGANTraining):
+    """``POST /v1/attacks/generators`` body."""
+
+    model: str = Field(description="the target model, `name` or `name@version`")
+    output: str | None = Field(default=None, description="name of the generator (default "
+                                                         "`<model>-advgan`); a new version if it exists")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
 # --- job payloads (gateway -> worker) ---------------------------------------------------------
 
 
@@ -455,6 +517,14 @@ class DefenseJob(Strict):
     output: str | None = Field(description="name of the new model (null for a detector)")
     seed: int = Field(ge=0)
     evaluation: Evaluation = Field(default_factory=Evaluation)
+
+
+class GeneratorJob(AdvGANTraining):
+    job_id: str
+    team: str | None = Field(description="owner of the generator")
+    model: str = Field(description="resolved name@version of the target model")
+    output: str
+    seed: int = Field(ge=0)
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -509,3 +579,82 @@ class JobView(BaseModel):
     ended_at: str | None = None
     result: dict[str, Any] | None = None
     error: JobError | None = None
+
+
+# --- audits ------------------------------------------------------------------------------------
+
+AuditNorm = Literal["linf", "l2"]
+AUDIT_SUITES = ("quick", "standard", "minimal", "custom")
+DEFAULT_GRIDS: dict[str, list[float]] = {
+    "linf": [1 / 255, 2 / 255, 4 / 255, 8 / 255, 0.05, 0.1, 0.2, 0.3],
+    "l2": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0],
+}
+DEFAULT_CHECK_EPS = {"linf": 0.1, "l2": 1.0}
+
+
+class AuditRequest(Strict):
+    """``POST /v1/audits`` body."""
+
+    model: str = Field(description="registry model, `name` or `name@version`")
+    inputs: Inputs = Field(description="the sample: a hosted data-set slice, an array or images")
+    suite: Literal["quick", "standard", "minimal", "custom"] | None = Field(
+        default=None, description="quick: FGSM + PGD; standard: APGD-CE, APGD-T, Square (the AutoAttack "
+                                  "cascade); minimal: DeepFool and C&W L2; custom: `attacks`. Default "
+                                  "standard, or custom when `attacks` is given")
+    attacks: list[AttackParams] | None = Field(
+        default=None, min_length=1, max_length=10,
+        description="custom suite: attack specs; bounded attacks run over the eps grid of their norm")
+    norms: list[AuditNorm] | None = Field(
+        default=None, min_length=1, description="norms to sweep (default linf; minimal: l2)")
+    eps: dict[AuditNorm, list[Annotated[float, Field(gt=0)]]] | None = Field(
+        default=None, description="eps grid per norm (default linf 1/255 ... 0.3, l2 0.25 ... 3)")
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS,
+                              description="iterations of PGD (quick, default 20) and APGD (standard, 100)")
+    n_target_classes: int = Field(default=9, ge=1, description="APGD-T target classes")
+    square_queries: int = Field(default=5000, ge=1, description="Square's query budget per image and eps")
+    surrogates: list[str] = Field(default_factory=list, max_length=4,
+                                  description="transfer: models to craft PGD examples on")
+    transfer_eps: float | None = Field(default=None, gt=0, description="Linf eps of the transfer attack "
+                                                                       "(default 0.1)")
+    thresholds: list[str] = Field(default_factory=list, max_length=50,
+                                  description="gate lines, e.g. `robust_accuracy@linf:8/255 >= 0.4`")
+    chunk_size: int = Field(default=250, ge=8, le=10_000, description="samples per chunk job")
+    seed: int | None = Field(default=None, ge=0, le=2**62)
+
+
+class AuditSpec(Strict):
+    """The resolved audit settings carried by every job of one audit."""
+
+    suite: Literal["quick", "standard", "minimal", "custom"]
+    attacks: list[AttackParams] | None = None
+    grids: dict[str, list[float]]
+    check_eps: dict[str, float] = Field(default_factory=dict)
+    steps: int | None = None
+    n_target_classes: int = 9
+    square_queries: int = 5000
+    surrogates: list[str] = Field(default_factory=list)
+    transfer_eps: float | None = None
+    thresholds: list[str] = Field(default_factory=list)
+
+
+class AuditChunkJob(Strict):
+    job_id: str
+    audit_id: str
+    team: str
+    model: str
+    inputs: InputRef
+    start: int = Field(ge=0)
+    stop: int = Field(ge=1)
+    index: int = Field(ge=0)
+    seed: int = Field(ge=0)
+    audit: AuditSpec
+
+
+class AuditMergeJob(Strict):
+    job_id: str
+    audit_id: str
+    team: str
+    model: str
+    chunk_ids: list[str] = Field(min_length=1)
+    seed: int = Field(ge=0)
+    audit: AuditSpec

@@ -15,14 +15,24 @@ from rq.job import Job
 from starlette.datastructures import UploadFile
 
 from models.datasets import load_split
-from models.manifest import CardIndex, ModelCard
+from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from service import inputs as inp
-from service.deps import QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
+from service.deps import (
+    GeneratorsDep,
+    QueueDep,
+    RegistryDep,
+    SettingsDep,
+    StoreDep,
+    TeamDep,
+    visible_card,
+    visible_generator,
+)
 from service.errors import Problem, invalid, validation_problem
 from service.routes.accept import accept
 from service.settings import Settings
 from workers.specs import (
     BLACK_BOX_ATTACKS,
+    AdvGANParams,
     APGDTParams,
     ArrayInputs,
     AttackJob,
@@ -129,6 +139,9 @@ def check_surrogate(request: AttackRequest, card: ModelCard, index: CardIndex,
     """A transfer attack's surrogate: visible, white-box attack, same inputs and classes."""
     if request.surrogate is None:
         return None
+    if isinstance(request.attack, AdvGANParams):
+        raise invalid("surrogate", "expected no surrogate for advgan: its generator was trained on a "
+                                   "model already (its card's target_model); attack `model` with it directly")
     if request.attack.name in BLACK_BOX_ATTACKS:
         raise invalid("surrogate", f"expected a white-box attack for a transfer attack, got "
                                    f"{request.attack.name} (it queries the target directly)")
@@ -142,6 +155,18 @@ def check_surrogate(request: AttackRequest, card: ModelCard, index: CardIndex,
                                        f"({getattr(card, what)}), got {getattr(surrogate, what)} "
                                        f"for {surrogate.ref}")
     return surrogate
+
+
+def check_generator(request: AttackRequest, card: ModelCard, generators: GeneratorIndex,
+                    team: str) -> GeneratorCard | None:
+    """``advgan``: the generator exists, is this team's, and fits the model's inputs and classes."""
+    if not isinstance(request.attack, AdvGANParams):
+        return None
+    generator = visible_generator(generators, request.attack.generator, team, field="attack.generator")
+    mismatch = generator.fits(card)
+    if mismatch is not None:
+        raise invalid("attack.generator", f"{generator.ref}: {mismatch}")
+    return generator
 
 
 async def _parse(request: Request) -> tuple[AttackRequest, list[tuple[str, bytes]] | None,
@@ -201,8 +226,8 @@ async def _parse(request: Request) -> tuple[AttackRequest, list[tuple[str, bytes
 @router.post("", status_code=202, response_model=JobView, openapi_extra=OPENAPI_BODY,
              responses={202: {"description": "job queued; Location points to it"}})
 async def create_attack(request: Request, response: Response, settings: SettingsDep,
-                        queues: QueueDep, index: RegistryDep, store: StoreDep,
-                        team: TeamDep) -> JobView:
+                        queues: QueueDep, index: RegistryDep, generators: GeneratorsDep,
+                        store: StoreDep, team: TeamDep) -> JobView:
     """Queue an attack job on a registered model. Answers 202 with the job and a Location."""
     parsed, files, labels, digest = await _parse(request)
     card = visible_card(index, parsed.model, team)
@@ -230,9 +255,13 @@ async def create_attack(request: Request, response: Response, settings: Settings
                        offset=parsed.inputs.offset)
     check_attack(parsed, card, n, label_array, settings)
     surrogate = check_surrogate(parsed, card, index, team)
+    generator = check_generator(parsed, card, generators, team)
+    # The job runs the generator version seen here, even if a newer one is published meanwhile.
+    attack = (parsed.attack if generator is None
+              else parsed.attack.model_copy(update={"generator": generator.ref}))
 
     seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**31)
-    job = AttackJob(job_id=job_id, team=team, model=card.ref, attack=parsed.attack, inputs=ref,
+    job = AttackJob(job_id=job_id, team=team, model=card.ref, attack=attack, inputs=ref,
                     seed=seed, batch_size=parsed.batch_size,
                     surrogate=surrogate.ref if surrogate is not None else None)
 

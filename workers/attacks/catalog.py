@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from workers.attacks.advgan import AdvGANAttackSpec, advgan
 from workers.attacks.apgd import APGDSpec, apgd, apgd_t
 from workers.attacks.cw import CarliniWagnerL2Spec, carlini_wagner_l2
 from workers.attacks.deepfool import DeepFoolSpec, deepfool
@@ -28,4 +29,5 @@ KERNELS: dict[str, tuple[Kernel, type]] = {
     "jsma": (jsma, JSMASpec),
     "square": (square, SquareSpec),
     "hop-skip-jump": (hop_skip_jump, HopSkipJumpSpec),
+    "advgan": (advgan, AdvGANAttackSpec),  # its generator, eps and targeting are loaded by the job
 }

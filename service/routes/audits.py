@@ -1,0 +1,200 @@
+"""``POST /v1/audits``: validate an audit, store its inputs, and enqueue one job per chunk of samples
+plus a merge job that depends on all of them. The audit's id is the merge job's id."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import secrets
+import uuid
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from rq.job import Dependency, Job
+
+from models.manifest import CardIndex, ModelCard
+from service import inputs as inp
+from service.deps import QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
+from service.errors import Problem, invalid
+from service.routes.accept import accept
+from service.routes.attacks import check_attack
+from service.settings import Settings
+from workers.audit.gate import GateError, parse_gate
+from workers.specs import (
+    DEFAULT_CHECK_EPS,
+    DEFAULT_GRIDS,
+    ArrayInputs,
+    AttackRequest,
+    AuditChunkJob,
+    AuditMergeJob,
+    AuditRequest,
+    AuditSpec,
+    DatasetInputs,
+    ImageInputs,
+    InputRef,
+    JobView,
+)
+
+router = APIRouter(prefix="/v1/audits", tags=["audits"])
+MAX_GRID = 20
+
+
+def _grids(body: AuditRequest, card: ModelCard, suite: str) -> dict[str, list[float]]:
+    norms = body.norms or (list(body.eps) if body.eps else (["l2"] if suite == "minimal" else ["linf"]))
+    grids: dict[str, list[float]] = {}
+    for norm in norms:
+        grid = sorted(set((body.eps or {}).get(norm) or DEFAULT_GRIDS[norm]))
+        if len(grid) > MAX_GRID:
+            raise invalid(f"eps.{norm}", f"expected at most {MAX_GRID} values, got {len(grid)}")
+        limit = inp.max_eps(card, norm)
+        too_big = [e for e in grid if e > limit]
+        if too_big:
+            raise invalid(f"eps.{norm}", f"expected 0 < eps <= {limit:g} on inputs in {list(card.bounds)}, "
+                                         f"got {too_big[0]:g}")
+        grids[norm] = grid
+    for norm in body.eps or {}:
+        if norm not in grids:
+            raise invalid("eps", f"expected grids only for the audited norms {sorted(grids)}, got {norm}")
+    return grids
+
+
+def _surrogates(body: AuditRequest, card: ModelCard, index: CardIndex, team: str) -> list[str]:
+    refs = []
+    for i, ref in enumerate(body.surrogates):
+        surrogate = index.card(ref)
+        if surrogate is None or (surrogate.team is not None and surrogate.team != team):
+            raise Problem(404, f"surrogates[{i}]: expected a registered model name, got {ref!r}",
+                          field=f"surrogates[{i}]", code="unknown-model")
+        for what in ("input_shape", "bounds", "num_classes"):
+            if getattr(surrogate, what) != getattr(card, what):
+                raise invalid(f"surrogates[{i}]", f"expected the same {what} as {card.ref}, got "
+                                                  f"{getattr(surrogate, what)} for {surrogate.ref}")
+        refs.append(surrogate.ref)
+    return refs
+
+
+def _check_gate(body: AuditRequest, grids: dict[str, list[float]], card: ModelCard) -> None:
+    try:
+        lines = parse_gate(body.thresholds)
+    except GateError as exc:
+        raise invalid(f"thresholds[{exc.index}]", exc.message) from None
+    for i, line in enumerate(lines):
+        if line.eps is None or line.norm is None:
+            continue
+        grid = grids.get(line.norm, [])
+        if not any(math.isclose(line.eps, e, rel_tol=1e-6) for e in grid):
+            raise invalid(f"thresholds[{i}]", f"expected an eps of the {line.norm} grid "
+                                              f"{[round(e, 6) for e in grid]}, got {line.eps:g}")
+
+
+def _nearest(grid: list[float], target: float) -> float:
+    return min(grid, key=lambda e: abs(e - target))
+
+
+def check_audit(body: AuditRequest, card: ModelCard, n: int, labels: np.ndarray | None, index: CardIndex,
+                team: str, settings: Settings) -> AuditSpec:
+    if body.attacks is not None and body.suite not in (None, "custom"):
+        raise invalid("attacks", f"expected attacks only with the custom suite, got suite {body.suite}")
+    suite = body.suite or ("custom" if body.attacks else "standard")
+    if suite == "custom" and not body.attacks:
+        raise invalid("attacks", "expected a list of attack specs for the custom suite")
+    for i, attack in enumerate(body.attacks or []):
+        if attack.name == "advgan":
+            raise invalid(f"attacks[{i}].name", "expected an attack that runs at any eps of the grid: a "
+                                                "generator is trained for one eps (attack it with "
+                                                "POST /v1/attacks instead)")
+        if getattr(attack, "targeted", False):
+            raise invalid(f"attacks[{i}].targeted", "expected untargeted attacks: an audit measures "
+                                                    "robust accuracy")
+        try:
+            check_attack(AttackRequest(model=card.ref, attack=attack), card, n, labels, settings)
+        except Problem as exc:
+            raise Problem(exc.status, f"attacks[{i}]: {exc.detail}", field=f"attacks[{i}]",
+                          code=exc.code, errors=exc.errors) from None
+    names = [(a.name, getattr(a, "norm", None)) for a in body.attacks or []]
+    if len(set(names)) != len(names):
+        raise invalid("attacks", "expected each attack (name and norm) at most once")
+    grids = _grids(body, card, suite)
+    steps = body.steps or (20 if suite == "quick" else 100)
+    if suite == "standard" and steps * body.n_target_classes > settings.max_steps:
+        raise invalid("steps", f"expected steps x n_target_classes <= {settings.max_steps}, got "
+                               f"{steps * body.n_target_classes}")
+    if steps > settings.max_steps:
+        raise invalid("steps", f"expected at most {settings.max_steps}, got {steps}")
+    if body.n_target_classes > card.num_classes - 1:
+        raise invalid("n_target_classes", f"expected at most {card.num_classes - 1}, "
+                                          f"got {body.n_target_classes}")
+    if body.square_queries > settings.max_queries:
+        raise invalid("square_queries", f"expected at most {settings.max_queries}, "
+                                        f"got {body.square_queries}")
+    surrogates = _surrogates(body, card, index, team)
+    if body.transfer_eps is not None and body.transfer_eps > inp.max_eps(card, "linf"):
+        raise invalid("transfer_eps", f"expected at most {inp.max_eps(card, 'linf'):g}, "
+                                      f"got {body.transfer_eps:g}")
+    _check_gate(body, grids, card)
+    check_eps = {norm: _nearest(grid, DEFAULT_CHECK_EPS[norm]) for norm, grid in grids.items()}
+    return AuditSpec(suite=suite, attacks=body.attacks, grids=grids, check_eps=check_eps, steps=body.steps,
+                     n_target_classes=body.n_target_classes, square_queries=body.square_queries,
+                     surrogates=surrogates, transfer_eps=(body.transfer_eps or 0.1) if surrogates else None,
+                     thresholds=body.thresholds)
+
+
+@router.post("", status_code=202, response_model=JobView,
+             responses={202: {"description": "audit queued; Location points to it"}})
+async def create_audit(body: AuditRequest, request: Request, response: Response, settings: SettingsDep,
+                       queues: QueueDep, index: RegistryDep, store: StoreDep, team: TeamDep) -> JobView:
+    """Queue a robustness audit: the suite over the eps grid on the sample, split into chunk jobs
+    that any worker can take, merged by a final job whose result carries the verdict."""
+    card = visible_card(index, body.model, team)
+    audit_id = uuid.uuid4().hex
+    if isinstance(body.inputs, ArrayInputs | ImageInputs):
+        decoded = inp.decode_inline(body.inputs, card, settings.max_inputs)
+        n, labels = decoded.x.shape[0], decoded.y
+    else:
+        assert isinstance(body.inputs, DatasetInputs)
+        decoded = None
+        n = inp.check_dataset(body.inputs, card, settings.max_inputs, settings.data_dir)
+        labels = None
+    audit = check_audit(body, card, n, labels, index, team, settings)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    digest = json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
+    bounds = list(range(0, n, body.chunk_size)) + [n]
+    meta_base = {"team": team, "model": card.ref, "progress": 0.0, "audit": audit_id}
+
+    def enqueue() -> Job:
+        if decoded is not None:
+            buffer = io.BytesIO()
+            arrays = {"x": decoded.x} if decoded.y is None else {"x": decoded.x, "y": decoded.y}
+            np.savez(buffer, **arrays)  # type: ignore[arg-type]
+            store.put(f"inputs/{audit_id}.npz", buffer.getvalue())
+        chunk_ids: list[str] = []
+        try:
+            for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                if decoded is not None:
+                    ref = InputRef(kind="blob", n=n, key=f"inputs/{audit_id}.npz",
+                                   has_labels=decoded.y is not None)
+                else:
+                    assert isinstance(body.inputs, DatasetInputs)
+                    ref = InputRef(kind="dataset", n=stop - start, dataset=body.inputs.dataset,
+                                   offset=body.inputs.offset + start)
+                chunk_id = f"{audit_id}c{i}"
+                chunk = AuditChunkJob(job_id=chunk_id, audit_id=audit_id, team=team, model=card.ref, inputs=ref,
+                                      start=start, stop=stop, index=i, seed=seed, audit=audit)
+                queues.enqueue("audits", "workers.audit_jobs.run_audit_chunk", chunk.model_dump(mode="json"),
+                               job_id=chunk_id, meta={**meta_base, "kind": "audit-chunk", "chunk": i})
+                chunk_ids.append(chunk_id)
+            merge = AuditMergeJob(job_id=audit_id, audit_id=audit_id, team=team, model=card.ref,
+                                  chunk_ids=chunk_ids, seed=seed, audit=audit)
+            return queues.enqueue(
+                "audits", "workers.audit_jobs.run_audit_merge", merge.model_dump(mode="json"), job_id=audit_id,
+                meta={**meta_base, "kind": "audit", "chunks": chunk_ids, "suite": audit.suite},
+                depends_on=Dependency(jobs=chunk_ids, allow_failure=True))
+        except BaseException:
+            for chunk_id in chunk_ids:
+                job = queues.fetch(chunk_id)
+                if job is not None:
+                    queues.cancel(job)
+            raise
+
+    return accept(request, response, queues, team, "audit", audit_id, digest, enqueue)

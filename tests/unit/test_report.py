@@ -1,0 +1,318 @@
+"""The audit report page: complete and partial results, escaping, charts, images, the amplification."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from workers.audit.report import ReportSamples, amplify_perturbation, png_data_uri, render_report
+
+HOSTILE = "<script>alert(1)</script>"
+CLASSES = [HOSTILE, "trouser", "pullover", "dress", 'coat "long" & warm', "sandal", "shirt", "sneaker",
+           "bag", "ankle boot"]
+ATTACKS = ["fgsm", "apgd-ce", "apgd-t", "square"]
+VOID = {"meta", "img", "br", "hr", "input", "link", "source", "wbr", "col", "area", "base", "embed", "track"}
+
+
+def full_result() -> dict[str, Any]:
+    """An audit result with every section, a few strings chosen to break unescaped HTML."""
+    linf_labels = ["1/255", "2/255", "4/255", "8/255"]
+    l2_labels = ["0.25", "0.5", "1.0"]
+    return {
+        "model": "fmnist-cnn@1<b>",
+        "suite": "standard",
+        "n": 500,
+        "seed": 0,
+        "clean_accuracy": 0.92,
+        "curves": {
+            "linf": {
+                "eps": [1 / 255, 2 / 255, 4 / 255, 8 / 255],
+                "labels": linf_labels,
+                "attacks": {
+                    "fgsm": [0.8, 0.7, 0.5, 0.3],
+                    "apgd-ce": [0.75, 0.6, 0.4, 0.1],
+                    "apgd-t": [0.74, 0.58, 0.38, 0.08],
+                    "square": [0.85, 0.8, 0.66, 0.42],
+                },
+                "worst_case": [0.7, 0.55, 0.35, 0.05],
+            },
+            "l2": {
+                "eps": [0.25, 0.5, 1.0],
+                "labels": l2_labels,
+                "attacks": {"fgsm": [0.8, 0.6, 0.3], "apgd-ce": [0.7, 0.5, 0.2], "apgd-t": [0.7, 0.48, 0.2],
+                            "<img src=x onerror=alert(2)>": [0.9, 0.8, 0.7]},
+                "worst_case": [0.68, 0.45, 0.18],
+            },
+        },
+        "robust_accuracy": {
+            **{f"linf:{label}": v for label, v in zip(linf_labels, [0.7, 0.55, 0.35, 0.05], strict=True)},
+            **{f"l2:{label}": v for label, v in zip(l2_labels, [0.68, 0.45, 0.18], strict=True)},
+        },
+        "per_class": [
+            {"class": i, "name": name, "n": 50, "clean_accuracy": 0.9 - i / 100,
+             "robust_accuracy": {"linf:1/255": 0.5, "linf:8/255": 0.125, "l2:0.5": 0.25}}
+            for i, name in enumerate(CLASSES)
+        ],
+        "minimal": {
+            "deepfool": {"success_rate": 1.0, "median_l2": 0.56, "median_linf": 0.1},
+            "carlini-wagner-l2": {"success_rate": 0.98, "median_l2": 0.4321, "median_linf": 0.0876},
+        },
+        "masking_checks": {
+            "status": "warn",
+            "checks": [
+                {"name": "iterative-vs-single-step", "status": "pass",
+                 "evidence": "apgd-ce <= fgsm at every eps", "values": {"max_gap": 0.0}},
+                {"name": "unbounded-attack-succeeds", "status": "warn",
+                 "evidence": "3 of 460 samples survived an unbounded attack <sic> & more",
+                 "values": {"survivors": 3}},
+            ],
+        },
+        "detector": {"threshold": 0.55, "fpr": 0.05, "detection_rate": {"linf:0.1": 0.8},
+                     "detect_reject_accuracy": {"linf:0.1": 0.7}},
+        "transfer": [{"surrogate": "fmnist-resnet18@1", "eps_label": "linf:0.1", "success_rate": 0.4}],
+        "bpda": True,
+        "eot": False,
+        "gate": {"verdict": "fail", "lines": [
+            {"expression": "clean_accuracy >= 0.9", "value": 0.92, "passed": True, "detail": "0.92 >= 0.9"},
+            {"expression": "robust_accuracy['linf:8/255'] >= 0.4", "value": 0.05, "passed": False,
+             "detail": "<too low>"},
+        ]},
+        "seconds": 12.34,
+    }
+
+
+def sample_images(k: int = 4, channels: int = 1, size: int = 28, seed: int = 0) -> ReportSamples:
+    rng = np.random.default_rng(seed)
+    x = rng.random((k, channels, size, size), dtype=np.float32)
+    x_adv = np.clip(x + rng.uniform(-8 / 255, 8 / 255, x.shape).astype(np.float32), 0, 1)
+    labels = np.arange(k) % len(CLASSES)
+    return ReportSamples(x=x, x_adv=x_adv, labels=labels, clean_pred=labels.copy(),
+                         adv_pred=(labels + 1) % len(CLASSES), eps_label="linf:8/255 <worst>",
+                         bounds=(0.0, 1.0))
+
+
+class Tags(HTMLParser):
+    """Counts start tags and checks that every non-void element is closed in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.attrs: dict[str, list[dict[str, str | None]]] = {}
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._count(tag, attrs)
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._count(tag, attrs)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+    def _count(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.counts[tag] = self.counts.get(tag, 0) + 1
+        self.attrs.setdefault(tag, []).append(dict(attrs))
+
+
+def parse(page: str) -> Tags:
+    tags = Tags()
+    tags.feed(page)
+    tags.close()
+    assert tags.errors == [] and tags.stack == []
+    return tags
+
+
+def section(page: str, anchor: str) -> str:
+    match = re.search(rf'<section id="{anchor}">(.*?)</section>', page, re.S)
+    assert match, anchor
+    return match.group(1)
+
+
+def test_a_full_result_renders_a_complete_self_contained_page() -> None:
+    page = render_report(full_result(), sample_images(), CLASSES)
+    assert page.startswith("<!DOCTYPE html>\n")
+    assert '<meta charset="utf-8">' in page
+    tags = parse(page)
+    assert tags.counts["html"] == tags.counts["head"] == tags.counts["body"] == 1
+    assert "Not run." not in page
+    # Nothing is fetched from outside: no scripts, stylesheets, fonts or remote images.
+    assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
+    assert all(img["src"] and img["src"].startswith("data:image/png;base64,") for img in tags.attrs["img"])
+    assert re.findall(r"https?://[^\s\"]*", page) == ["http://www.w3.org/2000/svg"] * 2
+    page.encode("utf-8")
+
+
+def test_a_minimal_result_says_what_was_not_run() -> None:
+    page = render_report({"model": "fmnist-cnn@1", "n": 10, "clean_accuracy": None, "minimal": None,
+                          "detector": None, "transfer": None, "gate": {"verdict": None, "lines": []}},
+                         None, CLASSES)
+    tags = parse(page)
+    assert "img" not in tags.counts and "svg" not in tags.counts
+    for anchor in ("robust-accuracy", "gradient-masking-checks", "per-class", "minimal-perturbations",
+                   "detector", "transfer-attacks", "sample-images"):
+        assert "Not run." in section(page, anchor), anchor
+    assert "no gate" in page
+    assert "not recorded" in page  # BPDA / EOT
+
+
+def test_an_empty_result_renders() -> None:
+    parse(render_report({}, None, []))
+
+
+def test_every_string_from_the_data_is_escaped() -> None:
+    page = render_report(full_result(), sample_images(k=10), CLASSES)
+    tags = parse(page)
+    assert HOSTILE not in page and "<script" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "fmnist-cnn@1&lt;b&gt;" in page and "<b>" not in page
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert "coat &quot;long&quot; &amp; warm" in page
+    assert "&lt;sic&gt; &amp; more" in page and "&lt;too low&gt;" in page
+    assert "linf:8/255 &lt;worst&gt;" in page
+    assert "onerror" not in "".join(str(a) for img in tags.attrs["img"] for a in img)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_three_images_per_sample(k: int) -> None:
+    tags = parse(render_report(full_result(), sample_images(k=k), CLASSES))
+    assert tags.counts["img"] == 3 * k
+
+
+def test_each_chart_has_a_polyline_per_attack_and_one_for_the_worst_case() -> None:
+    result = full_result()
+    page = render_report(result, None, CLASSES)
+    charts = re.findall(r"<svg.*?</svg>", page, re.S)
+    assert len(charts) == len(result["curves"])
+    for chart, curve in zip(charts, result["curves"].values(), strict=True):
+        tags = parse(chart)
+        series = [p["data-series"] for p in tags.attrs["polyline"]]
+        assert len(series) == len(curve["attacks"]) + 1
+        assert [s for s in series if s != "worst case"] == list(curve["attacks"])
+        widths = {p["data-series"]: float(p["stroke-width"] or 0) for p in tags.attrs["polyline"]}
+        assert widths["worst case"] > max(w for s, w in widths.items() if s != "worst case")
+        colours = [p["stroke"] for p in tags.attrs["polyline"]]
+        assert len(set(colours)) == len(colours)
+        for label in curve["labels"]:
+            assert f">{label}</text>" in chart
+        # Every series has one point per eps, inside the plot.
+        for polyline in tags.attrs["polyline"]:
+            points = (polyline["points"] or "").split()
+            assert len(points) == len(curve["labels"])
+
+
+def test_the_worst_case_line_goes_through_its_values() -> None:
+    result = full_result()
+    chart = re.findall(r"<svg.*?</svg>", render_report(result, None, CLASSES), re.S)[0]
+    tags = parse(chart)
+    worst = next(p for p in tags.attrs["polyline"] if p["data-series"] == "worst case")
+    ys = [float(point.split(",")[1]) for point in (worst["points"] or "").split()]
+    # Lower accuracy is further down (larger y), and y is linear in accuracy.
+    values = result["curves"]["linf"]["worst_case"]
+    slope = (ys[-1] - ys[0]) / (values[-1] - values[0])
+    assert slope < 0
+    for y, v in zip(ys, values, strict=True):
+        assert y == pytest.approx(ys[0] + slope * (v - values[0]), abs=0.1)
+
+
+def test_values_appear_formatted() -> None:
+    page = render_report(full_result(), sample_images(), CLASSES)
+    assert "92.0%" in page  # clean accuracy
+    assert "5.0%" in section(page, "robust-accuracy")  # worst case at 8/255
+    assert "12.3 s" in page
+    minimal = section(page, "minimal-perturbations")
+    assert "100.0%" in minimal and "0.56" in minimal and "0.4321" in minimal and "98.0%" in minimal
+    detector = section(page, "detector")
+    assert "0.55" in detector and "5.0%" in detector and "80.0%" in detector and "70.0%" in detector
+    assert "40.0%" in section(page, "transfer-attacks")
+    per_class = section(page, "per-class")
+    assert "12.5%" in per_class and "81.0%" in per_class
+    gate = section(page, "gate")
+    assert "✘ fail" in gate and "✔ pass" in gate and "0.92" in gate
+    masking = section(page, "gradient-masking-checks")
+    assert "⚠ warn" in masking and "✔ pass" in masking and "survivors = 3" in masking
+    summary = page.split("</header>")[0]
+    assert "✘ fail" in summary and "yes" in summary and "no" in summary and "500" in summary
+    samples = section(page, "sample-images")
+    assert "true: <strong>trouser</strong>" in samples
+    assert "adversarial prediction: <strong>pullover</strong>" in samples
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)])
+def test_the_amplified_perturbation_maps_the_largest_change_to_the_edge_of_the_range(
+    bounds: tuple[float, float],
+) -> None:
+    lo, hi = bounds
+    rng = np.random.default_rng(1)
+    x = (lo + (hi - lo) * rng.random((1, 6, 6))).astype(np.float32)
+    delta = rng.normal(0, (hi - lo) / 100, x.shape).astype(np.float32)
+    delta.flat[7] = -(hi - lo) / 10  # the largest change, negative: it maps to lo
+    out = amplify_perturbation(x, x + delta, bounds)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    assert out.shape == x.shape
+    assert out.flat[7] == pytest.approx(lo, abs=1e-4 * (hi - lo))
+    assert np.abs(out - mid).max() == pytest.approx(half, rel=1e-5)
+    assert out.min() >= lo - 1e-4 and out.max() <= hi + 1e-4
+    # Linear, centred at mid-grey: the sign and ratios of the changes are kept.
+    actual = (x + delta).astype(np.float64) - x
+    np.testing.assert_allclose(out - mid, actual * half / np.abs(actual).max(), atol=1e-4 * (hi - lo))
+
+
+def test_no_perturbation_is_flat_mid_grey() -> None:
+    x = np.random.default_rng(2).random((3, 4, 4)).astype(np.float32)
+    out = amplify_perturbation(x, x.copy(), (0.0, 1.0))
+    assert np.all(out == 0.5)
+
+
+@pytest.mark.parametrize(("channels", "mode"), [(1, "L"), (3, "RGB")])
+def test_png_data_uri_upscales_with_nearest_neighbour(channels: int, mode: str) -> None:
+    image = np.zeros((channels, 28, 28), dtype=np.float32)
+    image[:, 0, 0] = 1.0
+    uri = png_data_uri(image, (0.0, 1.0))
+    assert uri.startswith("data:image/png;base64,")
+    picture = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert picture.format == "PNG" and picture.mode == mode and picture.size == (84, 84)
+    pixels = np.asarray(picture).reshape(84, 84, channels)
+    assert (pixels[:3, :3] == 255).all() and (pixels[3:, :] == 0).all() and (pixels[:, 3:] == 0).all()
+
+
+def test_png_data_uri_maps_the_bounds_to_black_and_white() -> None:
+    image = np.array([[[-1.0, 0.0, 1.0, 3.0]]], dtype=np.float32)  # 3.0 is out of bounds: clipped
+    picture = Image.open(io.BytesIO(base64.b64decode(png_data_uri(image, (-1.0, 1.0), min_px=1).split(",")[1])))
+    assert np.asarray(picture).tolist() == [[0, 128, 255, 255]]
+
+
+def test_three_channel_samples_render() -> None:
+    tags = parse(render_report(full_result(), sample_images(k=2, channels=3, size=32), CLASSES))
+    assert tags.counts["img"] == 6
+    assert {img["width"] for img in tags.attrs["img"]} == {"96"}
+
+
+def test_samples_are_checked_for_shape() -> None:
+    good = sample_images(k=2)
+    with pytest.raises(ValueError, match=r"expected x_adv of shape"):
+        ReportSamples(good.x, good.x_adv[:1], good.labels, good.clean_pred, good.adv_pred, "e", (0.0, 1.0))
+    with pytest.raises(ValueError, match=r"expected x of shape \(k, 1 or 3, H, W\)"):
+        ReportSamples(good.x[:, :, :, :, None], good.x_adv, good.labels, good.clean_pred, good.adv_pred, "e",
+                      (0.0, 1.0))
+    with pytest.raises(ValueError, match=r"expected adv_pred of shape \(2,\)"):
+        ReportSamples(good.x, good.x_adv, good.labels, good.clean_pred, good.adv_pred[:1], "e", (0.0, 1.0))
+
+
+def test_report_imports_no_torch() -> None:
+    code = "import sys, workers.audit.report; assert 'torch' not in sys.modules, 'report imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)

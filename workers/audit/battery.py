@@ -1,0 +1,353 @@
+"""The audit battery on one chunk of samples: every attack of a suite over an eps grid, the worst
+case per sample, minimal perturbations, and the evidence for the gradient-masking checks.
+
+Plain batched torch (no Redis, no HTTP): ``run_battery(model, x, y, plan, generator=...)`` returns
+per-sample arrays and counters (numpy) that the audit jobs store per chunk and merge.
+
+How the grid is attacked. Each bounded attack runs independently (its own robust-accuracy curve),
+over the eps grid in increasing order; an example found at a smaller eps lies inside every larger
+ball, so at the next eps the attack only runs on the samples it has not broken yet. The worst case
+of a sample at an eps is the first successful example of any attack. This is the cascade of
+AutoAttack (Croce & Hein 2020) per attack, with the evaluation checklist of Carlini et al. ("On
+Evaluating Adversarial Robustness", 2019) as the masking checks:
+
+- single step (FGSM, always run as a probe) must not beat the iterative attacks;
+- success must approach 100% as eps grows, and an unbounded attack (Linf, the whole input range,
+  no random start: a random start alone turns images into noise) must reach it;
+- black-box attacks must not break samples that every white-box attack failed on;
+- more steps and restarts must not change the result much;
+- gradients must not be zero or vanishingly small;
+- the forward pass must be deterministic (else expectation over transformation, EOT, is used).
+
+Models with non-differentiable steps (``Classifier.differentiable`` false) are attacked through
+BPDA (straight-through gradients, Athalye et al. 2018) in every white-box stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from workers.attacks.base import AttackOutput, flat_norm, project
+from workers.attacks.catalog import KERNELS
+from workers.attacks.pgd import PGDSpec
+from workers.audit.gate import eps_key
+from workers.classifier import Classifier
+from workers.defenses.preprocess import bpda
+from workers.defenses.squeeze import squeeze_scores
+
+BLACK_BOX = frozenset({"square", "hop-skip-jump"})
+SINGLE_STEP = frozenset({"fgsm"})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One attack of the battery: ``name`` as in the HTTP API, its kernel spec (``eps`` is replaced
+    per grid point for bounded attacks)."""
+
+    name: str
+    spec: Any
+    norm: str
+    bounded: bool = True
+
+    @property
+    def white_box(self) -> bool:
+        return self.name not in BLACK_BOX
+
+
+@dataclass(frozen=True)
+class Detector:
+    squeezers: tuple[tuple[Mapping[str, Any], ...], ...]
+    threshold: float
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """What to run: bounded ``stages`` per norm over ``grids[norm]`` (increasing), eps-free
+    ``minimal`` stages, and the checks' settings."""
+
+    grids: Mapping[str, tuple[float, ...]]
+    stages: Mapping[str, tuple[Stage, ...]]
+    minimal: tuple[Stage, ...] = ()
+    check_eps: Mapping[str, float] = field(default_factory=dict)
+    more_steps_factor: int = 5
+    more_restarts: int = 3
+    unbounded_steps: int = 50
+    eot_samples: int = 8
+    detector: Detector | None = None
+    surrogates: tuple[Classifier, ...] = ()
+    transfer_eps: float | None = None
+    keep_images: int = 8
+    batch_size: int = 128
+
+
+@dataclass
+class ChunkResult:
+    """Per-sample arrays (numpy) and evidence counters of one chunk."""
+
+    labels: np.ndarray
+    clean_pred: np.ndarray
+    # norm -> (stages, eps, n) bool: robust to that stage at that eps (initially wrong: False)
+    robust: dict[str, np.ndarray] = field(default_factory=dict)
+    # norm -> (eps, n) int: index of the first stage that broke the sample at that eps, -1 none
+    broken_by: dict[str, np.ndarray] = field(default_factory=dict)
+    # norm -> (eps, k, C, H, W) worst-case example of the first k samples at every eps, and
+    # (eps, k) its predicted class; the k clean images
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    image_preds: dict[str, np.ndarray] = field(default_factory=dict)
+    clean_images: np.ndarray | None = None
+    # minimal stage name -> (n,) perturbation norm of a successful example (inf: none; nan: wrong)
+    minimal: dict[str, np.ndarray] = field(default_factory=dict)
+    # norm -> (eps, n) bool: the worst-case example is flagged by the detector; (stages, eps, n):
+    # each stage's own example is
+    flagged: dict[str, np.ndarray] = field(default_factory=dict)
+    flagged_by_stage: dict[str, np.ndarray] = field(default_factory=dict)
+    clean_flagged: np.ndarray | None = None
+    transfer: dict[str, np.ndarray] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+    bpda: bool = False
+    eot: bool = False
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+class EOTClassifier(Classifier):
+    """Expectation over transformation: gradients (and logits) averaged over ``samples`` passes of
+    a randomized model, so that white-box attacks follow the expected loss."""
+
+    samples: int = 8
+
+    def value_and_grad(self, x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits_sum, grad_sum = torch.zeros(()), torch.zeros(())
+        for _ in range(self.samples):
+            logits, grad = super().value_and_grad(x, loss)
+            logits_sum, grad_sum = logits_sum + logits, grad_sum + grad
+        return logits_sum / self.samples, grad_sum / self.samples
+
+
+def _eot(model: Classifier, samples: int) -> Classifier:
+    wrapped = EOTClassifier(model.module, model.num_classes, model.input_shape, model.bounds, model.name,
+                            differentiable=model.differentiable)
+    wrapped.samples = samples
+    return wrapped
+
+
+def _run(model: Classifier, stage: Stage, spec: Any, x: torch.Tensor, y: torch.Tensor,
+         generator: torch.Generator, batch_size: int) -> torch.Tensor:
+    """The stage's kernel over ``x`` in chunks; the returned examples are projected (bounded
+    stages) or clipped, so that success is judged on what the caller will keep."""
+    kernel, _ = KERNELS[stage.name]
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[0], batch_size):
+        stop = start + batch_size
+        result: AttackOutput = kernel(model, x[start:stop], y[start:stop], spec, generator=generator)
+        out[start:stop] = result.x_adv
+    if stage.bounded:
+        return project(out, x, spec.eps, stage.norm, model.bounds)  # type: ignore[arg-type]
+    return out.clamp(*model.bounds)
+
+
+def _with_eps(spec: Any, eps: float) -> Any:
+    return dataclasses.replace(spec, eps=eps)
+
+
+@contextlib.contextmanager
+def _gradients_for(stage: Stage, model: Classifier) -> Iterator[None]:
+    """White-box stages of a non-differentiable model see BPDA gradients."""
+    if stage.white_box and not model.differentiable:
+        with bpda(model.module):
+            yield
+    else:
+        yield
+
+
+def input_gradient_norms(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per-sample L2 norm of the gradient of the cross-entropy at the clean inputs (no BPDA)."""
+    norms = []
+    for start in range(0, x.shape[0], batch_size):
+        xs, ys = x[start:start + batch_size], y[start:start + batch_size]
+        _, grad = model.value_and_grad(xs, lambda logits, labels=ys: F.cross_entropy(  # type: ignore[misc]
+            logits, labels, reduction="sum"))
+        norms.append(flat_norm(grad, "l2"))
+    return torch.cat(norms) if norms else torch.empty(0)
+
+
+# --- the battery ------------------------------------------------------------------------------
+
+
+def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: AuditPlan, *,
+                generator: torch.Generator,
+                on_stage: Callable[[str], None] | None = None) -> ChunkResult:
+    """Run ``plan`` on the batch ``x`` ``(N, C, H, W)`` in bounds with true labels ``y`` ``(N,)``.
+
+    ``on_stage(description)`` is called before each stage (progress, cancellation).
+    """
+    notify = on_stage or (lambda _: None)
+    bs = plan.batch_size
+    n = x.shape[0]
+    counters: dict[str, float] = {"n": float(n)}
+
+    # Randomness: the same inputs twice must give the same logits.
+    first, second = model.predict(x[:bs], bs), model.predict(x[:bs], bs)
+    random_diff = float((first - second).abs().max()) if n else 0.0
+    counters["random_max_logit_diff"] = random_diff
+    eot = random_diff > 1e-5
+    attacker = _eot(model, plan.eot_samples) if eot else model
+
+    logits = model.predict(x, bs)
+    clean_pred = logits.argmax(1)
+    correct = clean_pred == y
+    counters["correct"] = float(correct.sum())
+    counters["mean_l1_logits"] = float(logits.abs().sum(1).mean()) if n else 0.0
+
+    notify("gradients")
+    grad_norms = input_gradient_norms(model, x[correct], y[correct], bs)
+    counters["zero_gradients"] = float((grad_norms == 0).sum())
+    counters["tiny_gradients"] = float((grad_norms < 1e-6).sum())
+    counters["median_gradient_norm"] = float(grad_norms.median()) if grad_norms.numel() else 0.0
+
+    result = ChunkResult(labels=y.cpu().numpy(), clean_pred=clean_pred.cpu().numpy(),
+                         bpda=not model.differentiable, eot=eot)
+    keep = min(plan.keep_images, n)
+    result.clean_images = x[:keep].cpu().numpy()
+    for norm, grid in plan.grids.items():
+        stages = plan.stages.get(norm, ())
+        robust = torch.zeros(len(stages), len(grid), n, dtype=torch.bool, device=x.device)
+        broken_by = torch.full((len(grid), n), -1, dtype=torch.int64, device=x.device)
+        worst = x.clone()  # current worst-case example per sample (clean while robust)
+        images = torch.empty(len(grid), keep, *x.shape[1:], dtype=x.dtype, device=x.device)
+        flagged = torch.zeros(len(grid), n, dtype=torch.bool, device=x.device)
+        flagged_by_stage = torch.zeros(len(stages), len(grid), n, dtype=torch.bool, device=x.device)
+        best = [x.clone() for _ in stages]  # per stage, its latest successful example
+        alive = [correct.clone() for _ in stages]  # per stage, robust so far
+        for e, eps in enumerate(grid):
+            for s, stage in enumerate(stages):
+                idx = alive[s].nonzero().squeeze(1)
+                if idx.numel():
+                    notify(f"{stage.name} {norm} eps {eps:g}")
+                    with _gradients_for(stage, model):
+                        x_adv = _run(attacker if stage.white_box else model, stage,
+                                     _with_eps(stage.spec, eps), x[idx], y[idx], generator, bs)
+                    hit = model.predict(x_adv, bs).argmax(1) != y[idx]
+                    best[s][idx[hit]] = x_adv[hit]
+                    alive[s][idx[hit]] = False
+                robust[s, e] = alive[s]
+            # Worst case at this eps: the first stage (in suite order) that broke the sample.
+            broken = correct.clone()
+            for s in range(len(stages)):
+                newly = broken & ~alive[s]
+                broken_by[e, newly] = s
+                worst[newly] = best[s][newly]
+                broken &= alive[s]
+            images[e] = worst[:keep]
+            if plan.detector is not None:
+                scores = squeeze_scores(model.module, worst, plan.detector.squeezers, model.bounds, bs)
+                flagged[e] = scores > plan.detector.threshold
+                for s in range(len(stages)):
+                    hit = (correct & ~alive[s]).nonzero().squeeze(1)
+                    if hit.numel():
+                        stage_scores = squeeze_scores(model.module, best[s][hit], plan.detector.squeezers,
+                                                      model.bounds, bs)
+                        flagged_by_stage[s, e, hit] = stage_scores > plan.detector.threshold
+        result.robust[norm] = robust.cpu().numpy()
+        result.broken_by[norm] = broken_by.cpu().numpy()
+        result.images[norm] = images.cpu().numpy()
+        preds = model.predict(images.flatten(0, 1), bs).argmax(1).view(len(grid), keep)
+        result.image_preds[norm] = preds.cpu().numpy()
+        if plan.detector is not None:
+            result.flagged[norm] = flagged.cpu().numpy()
+            result.flagged_by_stage[norm] = flagged_by_stage.cpu().numpy()
+        _checks_for_norm(model, attacker, x, y, correct, plan, norm, stages, robust, generator, counters,
+                         notify)
+
+    if plan.detector is not None:
+        scores = squeeze_scores(model.module, x, plan.detector.squeezers, model.bounds, bs)
+        result.clean_flagged = (scores > plan.detector.threshold).cpu().numpy()
+
+    for stage in plan.minimal:
+        idx = correct.nonzero().squeeze(1)
+        norms = torch.full((n,), math.inf, dtype=torch.float64)
+        norms[~correct.cpu()] = math.nan
+        if idx.numel():
+            notify(f"{stage.name} (minimal)")
+            with _gradients_for(stage, model):
+                x_adv = _run(attacker if stage.white_box else model, stage, stage.spec, x[idx], y[idx],
+                             generator, bs)
+            hit = model.predict(x_adv, bs).argmax(1) != y[idx]
+            size = flat_norm(x_adv - x[idx], stage.norm).double().cpu()  # type: ignore[arg-type]
+            norms[idx.cpu()[hit.cpu()]] = size[hit.cpu()]
+        result.minimal[stage.name] = norms.numpy()
+
+    if plan.transfer_eps is not None:
+        for surrogate in plan.surrogates:
+            notify(f"transfer from {surrogate.name}")
+            stage = Stage("pgd", PGDSpec(eps=plan.transfer_eps, steps=20), "linf")
+            x_adv = _run(surrogate, stage, stage.spec, x, y, generator, bs)
+            fooled = correct & (model.predict(x_adv, bs).argmax(1) != y)
+            result.transfer[surrogate.name] = fooled.cpu().numpy()
+
+    # Unbounded: Linf over the whole input range, no random start; every sample must fall.
+    idx = correct.nonzero().squeeze(1)
+    counters["unbounded_attacked"] = float(idx.numel())
+    counters["unbounded_broken"] = 0.0
+    if idx.numel():
+        notify("unbounded")
+        lo, hi = model.bounds
+        stage = Stage("pgd", PGDSpec(eps=hi - lo, steps=plan.unbounded_steps, step_size=(hi - lo) / 10,
+                                     random_start=False), "linf")
+        with _gradients_for(stage, model):
+            x_adv = _run(attacker, stage, stage.spec, x[idx], y[idx], generator, bs)
+        counters["unbounded_broken"] = float((model.predict(x_adv, bs).argmax(1) != y[idx]).sum())
+    result.counters = counters
+    return result
+
+
+def _checks_for_norm(model: Classifier, attacker: Classifier, x: torch.Tensor, y: torch.Tensor,
+                     correct: torch.Tensor, plan: AuditPlan, norm: str, stages: Sequence[Stage],
+                     robust: torch.Tensor, generator: torch.Generator, counters: dict[str, float],
+                     notify: Callable[[str], None]) -> None:
+    """Per-eps counts for the single-step and black-box checks, and the more-steps rerun."""
+    grid = plan.grids[norm]
+    single = [s for s, st in enumerate(stages) if st.name in SINGLE_STEP]
+    iterative = [s for s, st in enumerate(stages) if st.white_box and st.name not in SINGLE_STEP]
+    black = [s for s, st in enumerate(stages) if not st.white_box]
+    for e, eps in enumerate(grid):
+        key = eps_key(norm, eps)
+        if single and iterative:
+            single_broken = correct & ~robust[single].all(0)[e]
+            iterative_robust = robust[iterative, e].all(0)
+            counters[f"single_step_only@{key}"] = float((single_broken & iterative_robust).sum())
+        if black:
+            white = [s for s in range(len(stages)) if s not in black]
+            white_robust = robust[white, e].all(0) if white else correct
+            black_broken = correct & ~robust[black, e].all(0)
+            counters[f"black_box_only@{key}"] = float((black_broken & white_robust).sum())
+    target = plan.check_eps.get(norm)
+    if target is None or not iterative:
+        return
+    e = min(range(len(grid)), key=lambda i: abs(grid[i] - target))
+    eps = grid[e]
+    survivors = robust[:, e].all(0).nonzero().squeeze(1) if len(stages) else correct.nonzero().squeeze(1)
+    counters[f"more_steps_attacked@{norm}"] = float(survivors.numel())
+    counters[f"more_steps_broken@{norm}"] = 0.0
+    counters[f"more_steps_eps@{norm}"] = float(eps)
+    if survivors.numel() == 0:
+        return
+    notify(f"more steps {norm} eps {eps:g}")
+    base_steps = max((getattr(stages[s].spec, "steps", 20) for s in iterative), default=20)
+    stage = Stage("pgd", PGDSpec(eps=eps, norm=norm, steps=base_steps * plan.more_steps_factor,  # type: ignore[arg-type]
+                                 restarts=plan.more_restarts), norm)
+    with _gradients_for(stage, model):
+        x_adv = _run(attacker, stage, stage.spec, x[survivors], y[survivors], generator, plan.batch_size)
+    counters[f"more_steps_broken@{norm}"] = float(
+        (model.predict(x_adv, plan.batch_size).argmax(1) != y[survivors]).sum())

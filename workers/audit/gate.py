@@ -1,0 +1,338 @@
+"""The CI gate of a robustness audit: threshold lines such as ``robust_accuracy@linf:8/255 >= 0.4``,
+parsed (the gateway validates them before it queues anything) and evaluated against an audit result.
+
+Torch-free and stdlib only: the gateway and the ``adversa audit`` command import it.
+
+A line is ``<metric>[@<norm>[:<eps>]] <op> <value>``. A metric that the result does not hold (an
+eps outside the sweep, a section that did not run) makes its line fail: a gate never passes on
+missing data.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+NORMS = ("linf", "l2")
+OPS: dict[str, Callable[[Any, Any], bool]] = {
+    ">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt,
+    "==": operator.eq, "!=": operator.ne,
+}
+OP_CHARS = frozenset("<>=!")
+MASKING_VALUES = ("pass", "warn")
+EPS_REL_TOL = 1e-6
+
+# metric -> what follows the "@": None (nothing), "norm" (``@l2``) or "norm:eps" (``@linf:8/255``)
+METRICS: dict[str, str | None] = {
+    "clean_accuracy": None,
+    "robust_accuracy": "norm:eps",
+    "detect_reject_accuracy": "norm:eps",
+    "median_perturbation": "norm",
+    "masking_checks": None,
+    "transfer_success_rate": "norm:eps",
+}
+RATES = frozenset({"clean_accuracy", "robust_accuracy", "detect_reject_accuracy", "transfer_success_rate"})
+SYNTAX = "expected `<metric>[@<norm>:<eps>] <op> <value>`"
+EXAMPLES = {
+    "clean_accuracy": "clean_accuracy >= 0.9",
+    "robust_accuracy": "robust_accuracy@linf:8/255 >= 0.4",
+    "detect_reject_accuracy": "detect_reject_accuracy@linf:0.1 >= 0.6",
+    "median_perturbation": "median_perturbation@l2 >= 0.5",
+    "masking_checks": "masking_checks == pass",
+    "transfer_success_rate": "transfer_success_rate@linf:0.1 <= 0.3",
+}
+
+
+@dataclass(frozen=True)
+class GateLine:
+    """One parsed threshold. ``value`` is a float for numeric metrics, ``"pass"``/``"warn"`` for
+    ``masking_checks``."""
+
+    expression: str
+    metric: str
+    norm: str | None
+    eps: float | None
+    op: str
+    value: float | str
+
+
+class GateError(ValueError):
+    """A gate line that does not parse; ``index`` is its 0-based position."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(f"gate line {index}: {message}")
+        self.index = index
+        self.message = message
+
+
+def parse_eps(text: str) -> float:
+    """``"8/255"`` -> 8/255, ``"0.1"`` -> 0.1; finite and > 0, else ValueError."""
+    raw = text.strip()
+    numerator, slash, denominator = raw.partition("/")
+    try:
+        eps = float(numerator) / float(denominator) if slash else float(raw)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"expected eps as a number or a fraction like 8/255, got {raw!r}") from None
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"expected eps > 0, got {raw!r}")
+    return eps
+
+
+def eps_key(norm: str, eps: float) -> str:
+    """The canonical label of a budget in audit results: a short decimal when eps is one
+    (``linf:0.1``, ``l2:1``), else ``linf:8/255`` when eps is k/255 for an integer k (within
+    1e-6), else the decimal with 6 significant digits."""
+    decimal = f"{eps:g}"
+    if len(decimal.replace("0.", "", 1)) <= 4 and float(decimal) == eps:
+        return f"{norm}:{decimal}"
+    scaled = eps * 255
+    k = round(scaled)
+    if k >= 1 and abs(scaled - k) <= 1e-6:
+        return f"{norm}:{k}/255"
+    return f"{norm}:{decimal}"
+
+
+def parse_eps_key(key: str) -> tuple[str, float] | None:
+    """``"linf:8/255"`` -> ("linf", 8/255); None for anything else."""
+    norm, colon, eps = key.partition(":")
+    if not colon or norm.strip() not in NORMS:
+        return None
+    try:
+        return norm.strip(), parse_eps(eps)
+    except ValueError:
+        return None
+
+
+def _split_op(text: str) -> tuple[str, str, str]:
+    start = next((i for i, c in enumerate(text) if c in OP_CHARS), None)
+    if start is None:
+        raise ValueError(f"{SYNTAX} with <op> one of {', '.join(OPS)}, got {text!r} (no operator)")
+    end = start
+    while end < len(text) and text[end] in OP_CHARS:
+        end += 1
+    op = text[start:end]
+    if op not in OPS:
+        raise ValueError(f"expected an operator among {', '.join(OPS)}, got {op!r} in {text!r}")
+    return text[:start].strip(), op, text[end:].strip()
+
+
+def _parse_target(metric: str, suffix: str | None, text: str) -> tuple[str | None, float | None]:
+    needs = METRICS[metric]
+    example = EXAMPLES[metric]
+    if needs is None:
+        if suffix is not None:
+            raise ValueError(f"{metric} takes no @<norm>, e.g. `{example}`, got {text!r}")
+        return None, None
+    if suffix is None or not suffix:
+        what = "@<norm>" if needs == "norm" else "@<norm>:<eps>"
+        raise ValueError(f"{metric} needs {what}, e.g. `{example}`, got {text!r}")
+    norm, colon, eps_text = (part.strip() for part in suffix.partition(":"))
+    norm = norm.lower()
+    if norm not in NORMS:
+        raise ValueError(f"expected a norm among {', '.join(NORMS)} after '@', got {norm!r} in {text!r}")
+    if needs == "norm":
+        if colon:
+            raise ValueError(f"{metric} takes @<norm> only (no eps), e.g. `{example}`, got {text!r}")
+        return norm, None
+    if not colon or not eps_text:
+        raise ValueError(f"{metric} needs an eps after the norm ({norm}:<eps>), e.g. `{example}`, "
+                         f"got {text!r}")
+    try:
+        return norm, parse_eps(eps_text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} in {text!r}") from None
+
+
+def _parse_value(metric: str, op: str, raw: str, text: str) -> float | str:
+    if not raw:
+        raise ValueError(f"{SYNTAX}, got {text!r} (no value after {op!r})")
+    if metric == "masking_checks":
+        if op not in ("==", "!="):
+            raise ValueError(f"masking_checks compares with == or != only, got {op!r} in {text!r}")
+        word = raw.strip("'\"").lower()
+        if word not in MASKING_VALUES:
+            raise ValueError(f"expected masking_checks {op} pass or warn, got {raw!r} in {text!r}")
+        return word
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number after {op!r}, got {raw!r} in {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number after {op!r}, got {raw!r} in {text!r}")
+    if metric in RATES and not 0 <= value <= 1:
+        raise ValueError(f"expected a fraction in [0, 1] for {metric} (0.4, not 40), got {raw!r} in {text!r}")
+    if value < 0:
+        raise ValueError(f"expected a number >= 0 for {metric}, got {raw!r} in {text!r}")
+    return value
+
+
+def parse_line(text: str) -> GateLine:
+    """Parse one threshold line; ValueError saying what was expected and what came."""
+    expression = text.strip()
+    if not expression:
+        raise ValueError(f"{SYNTAX}, got an empty line")
+    left, op, raw_value = _split_op(expression)
+    if not left:
+        raise ValueError(f"{SYNTAX}, got {expression!r} (no metric before {op!r})")
+    name, at, suffix = (part.strip() for part in left.partition("@"))
+    name = name.lower()
+    if name not in METRICS:
+        raise ValueError(f"expected a metric among {', '.join(METRICS)}, got {name!r} in {expression!r}")
+    norm, eps = _parse_target(name, suffix if at else None, expression)
+    value = _parse_value(name, op, raw_value, expression)
+    return GateLine(expression, name, norm, eps, op, value)
+
+
+def parse_gate(lines: Sequence[str]) -> list[GateLine]:
+    """Parse every line; GateError naming the first (0-based) that does not parse."""
+    if isinstance(lines, str):
+        raise TypeError("expected a sequence of gate lines, got one string")
+    parsed = []
+    for index, text in enumerate(lines):
+        try:
+            parsed.append(parse_line(text))
+        except ValueError as exc:
+            raise GateError(index, str(exc)) from None
+    return parsed
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _fmt(value: float | str) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _by_eps(table: Any, norm: str, eps: float) -> tuple[str, Any] | None:
+    """The entry of ``{"linf:8/255": v, ...}`` whose budget equals (norm, eps) numerically."""
+    if not isinstance(table, Mapping):
+        return None
+    for key, value in table.items():
+        parsed = parse_eps_key(str(key))
+        if parsed and parsed[0] == norm and math.isclose(parsed[1], eps, rel_tol=EPS_REL_TOL):
+            return str(key), value
+    return None
+
+
+Measured = tuple[float | str | None, str]  # (value or None, where it came from / why it is missing)
+
+
+def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
+    metric, norm, eps = line.metric, line.norm, line.eps
+    if metric == "clean_accuracy":
+        value = _number(result.get("clean_accuracy"))
+        return (value, "") if value is not None else (None, "clean_accuracy is not in the result "
+                                                              "(no labels?)")
+    if metric == "masking_checks":
+        section = result.get("masking_checks")
+        if not isinstance(section, Mapping) or (status := section.get("status")) not in MASKING_VALUES:
+            return None, "the result has no masking_checks status"
+        warned = [str(c.get("name")) for c in section.get("checks") or []
+                  if isinstance(c, Mapping) and c.get("status") == "warn"]
+        return status, f" (warnings: {', '.join(warned)})" if warned else ""
+    assert norm is not None
+    if metric == "median_perturbation":
+        section = result.get("minimal")
+        if not isinstance(section, Mapping) or not section:
+            return None, "the minimal-perturbation section did not run"
+        field = f"median_{norm}"
+        found = [(v, str(attack)) for attack, entry in section.items() if isinstance(entry, Mapping)
+                 if (v := _number(entry.get(field))) is not None]
+        if not found:
+            return None, f"no minimal-perturbation attack reported {field}"
+        value, attack = min(found)
+        return value, f" ({attack})"
+    assert eps is not None
+    label = eps_key(norm, eps)
+    if metric == "robust_accuracy":
+        table = result.get("robust_accuracy")
+        hit = _by_eps(table, norm, eps)
+        if hit is None:
+            grid = ", ".join(map(str, table)) if isinstance(table, Mapping) and table else "nothing"
+            return None, f"robust_accuracy has no entry for {label} (the sweep measured {grid})"
+        value = _number(hit[1])
+        return (value, "") if value is not None else (None, f"robust_accuracy[{hit[0]}] is not a number")
+    if metric == "detect_reject_accuracy":
+        detector = result.get("detector")
+        if not isinstance(detector, Mapping):
+            return None, "the detector section did not run (no calibrated detector?)"
+        table = detector.get("detect_reject_accuracy")
+        hit = _by_eps(table, norm, eps)
+        if hit is None:
+            grid = ", ".join(map(str, table)) if isinstance(table, Mapping) and table else "nothing"
+            return None, f"detect_reject_accuracy has no entry for {label} (measured {grid})"
+        value = _number(hit[1])
+        return (value, "") if value is not None else (None, f"detect_reject_accuracy[{hit[0]}] is not a number")
+    # transfer_success_rate: the most successful surrogate at that budget
+    runs = result.get("transfer")
+    if not isinstance(runs, list) or not runs:
+        return None, "the transfer section did not run (no surrogates given?)"
+    found = []
+    for run in runs:
+        if not isinstance(run, Mapping):
+            continue
+        parsed = parse_eps_key(str(run.get("eps_label", "")))
+        rate = _number(run.get("success_rate"))
+        if parsed and parsed[0] == norm and math.isclose(parsed[1], eps, rel_tol=EPS_REL_TOL) \
+                and rate is not None:
+            found.append((rate, str(run.get("surrogate"))))
+    if not found:
+        measured = ", ".join(sorted({str(r.get("eps_label")) for r in runs if isinstance(r, Mapping)}))
+        return None, f"no transfer run at {label} (measured {measured or 'nothing'})"
+    value, surrogate = max(found)
+    return value, f" (surrogate {surrogate})"
+
+
+def evaluate_line(line: GateLine, result: Mapping[str, Any]) -> dict[str, Any]:
+    value, note = _measure(line, result)
+    if value is None:
+        return {"expression": line.expression, "metric": line.metric, "value": None,
+                "threshold": line.value, "passed": False, "detail": f"not measured: {note}"}
+    passed = bool(OPS[line.op](value, line.value))
+    if passed:
+        detail = f"measured {_fmt(value)}{note} {line.op} {_fmt(line.value)}"
+    else:
+        detail = f"measured {_fmt(value)}{note}, expected {line.op} {_fmt(line.value)}"
+    return {"expression": line.expression, "metric": line.metric, "value": value,
+            "threshold": line.value, "passed": passed, "detail": detail}
+
+
+def evaluate_gate(lines: Sequence[GateLine], result: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"verdict": "pass" | "fail", "lines": [...]}``; the verdict is pass only if every line
+    passed (no lines: pass)."""
+    evaluated = [evaluate_line(line, result) for line in lines]
+    return {"verdict": "pass" if all(e["passed"] for e in evaluated) else "fail", "lines": evaluated}
+
+
+def metric_keys(result: Mapping[str, Any]) -> list[str]:
+    """The gate expressions' left-hand sides that this result can answer."""
+    keys = []
+    if _number(result.get("clean_accuracy")) is not None:
+        keys.append("clean_accuracy")
+    robust = result.get("robust_accuracy")
+    if isinstance(robust, Mapping):
+        keys += [f"robust_accuracy@{k}" for k in robust]
+    minimal = result.get("minimal")
+    if isinstance(minimal, Mapping):
+        for norm in NORMS:
+            if any(isinstance(e, Mapping) and _number(e.get(f"median_{norm}")) is not None
+                   for e in minimal.values()):
+                keys.append(f"median_perturbation@{norm}")
+    masking = result.get("masking_checks")
+    if isinstance(masking, Mapping) and masking.get("status") in MASKING_VALUES:
+        keys.append("masking_checks")
+    detector = result.get("detector")
+    if isinstance(detector, Mapping) and isinstance(detector.get("detect_reject_accuracy"), Mapping):
+        keys += [f"detect_reject_accuracy@{k}" for k in detector["detect_reject_accuracy"]]
+    transfer = result.get("transfer")
+    if isinstance(transfer, list):
+        labels = dict.fromkeys(str(r["eps_label"]) for r in transfer
+                               if isinstance(r, Mapping) and r.get("eps_label"))
+        keys += [f"transfer_success_rate@{label}" for label in labels]
+    return keys

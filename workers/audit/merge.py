@@ -1,0 +1,262 @@
+"""Merge the chunks of an audit into its result: robust-accuracy curves (per attack and the worst
+case), per-class table, minimal perturbations, detector and transfer figures, and the
+gradient-masking checks with their evidence. numpy only (no torch)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from workers.audit.gate import eps_key
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """When a check warns (fractions are of the initially correct samples)."""
+
+    single_step_only: float = 0.01
+    black_box_only: int = 0
+    more_steps: float = 0.01
+    unbounded_success: float = 0.99
+    largest_eps_robust: float = 0.10
+    zero_gradients: float = 0.01
+
+
+@dataclass
+class Chunk:
+    """What one chunk job stored (see ``workers.audit.battery.ChunkResult``), as numpy arrays."""
+
+    labels: np.ndarray
+    clean_pred: np.ndarray
+    robust: dict[str, np.ndarray]
+    broken_by: dict[str, np.ndarray]
+    minimal: dict[str, np.ndarray]
+    flagged: dict[str, np.ndarray]
+    clean_flagged: np.ndarray | None
+    transfer: dict[str, np.ndarray]
+    counters: dict[str, float]
+    bpda: bool
+    eot: bool
+    flagged_by_stage: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _cat(parts: Sequence[np.ndarray], axis: int = -1) -> np.ndarray:
+    return np.concatenate(list(parts), axis=axis)
+
+
+def _rate(hits: np.ndarray, total: int) -> float | None:
+    return round(float(hits.sum()) / total, 4) if total else None
+
+
+def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages: Mapping[str, Sequence[str]],
+          minimal_norms: Mapping[str, str], classes: Sequence[str], tolerances: Tolerances | None = None,
+          detector: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The audit result (the fields ``render_report`` and ``evaluate_gate`` read).
+
+    ``stages[norm]`` names the bounded attacks in suite order; ``minimal_norms`` maps each minimal
+    attack to the norm its perturbation is measured in.
+    """
+    tol = tolerances or Tolerances()
+    labels = _cat([c.labels for c in chunks])
+    clean_pred = _cat([c.clean_pred for c in chunks])
+    correct = labels == clean_pred
+    n, n_correct = int(labels.size), int(correct.sum())
+    counters: dict[str, float] = {}
+    for c in chunks:
+        for key, value in c.counters.items():
+            if key in ("random_max_logit_diff", "median_gradient_norm") or key.startswith("more_steps_eps"):
+                counters[key] = max(counters.get(key, 0.0), value)
+            else:
+                counters[key] = counters.get(key, 0.0) + value
+    result: dict[str, Any] = {"n": n, "clean_accuracy": _rate(correct, n), "curves": {},
+                              "robust_accuracy": {}, "bpda": any(c.bpda for c in chunks),
+                              "eot": any(c.eot for c in chunks)}
+    worst_by_norm: dict[str, np.ndarray] = {}
+    for norm, grid in grids.items():
+        labels_eps = [eps_key(norm, e).split(":", 1)[1] for e in grid]
+        curve: dict[str, Any] = {"eps": [float(e) for e in grid], "labels": labels_eps, "attacks": {}}
+        columns = []
+        if stages.get(norm):
+            robust = _cat([c.robust[norm] for c in chunks])  # (stages, eps, n)
+            for s, name in enumerate(stages[norm]):
+                curve["attacks"][name] = [_rate(robust[s, e], n) for e in range(len(grid))]
+            columns.append(np.asarray(robust.all(0))[None])
+        for name, metric in minimal_norms.items():
+            if metric != norm:
+                continue
+            sizes = _cat([c.minimal[name] for c in chunks])
+            held: np.ndarray = np.stack([correct & ~(sizes <= e) for e in grid])  # failures count as robust
+            curve["attacks"][name] = [_rate(held[e], n) for e in range(len(grid))]
+            columns.append(held[None])
+        if not columns:
+            continue
+        worst: np.ndarray = np.asarray(np.concatenate(columns, 0).all(0))
+        worst_by_norm[norm] = worst
+        curve["worst_case"] = [_rate(worst[e], n) for e in range(len(grid))]
+        result["curves"][norm] = curve
+        for e, eps in enumerate(grid):
+            result["robust_accuracy"][eps_key(norm, eps)] = _rate(worst[e], n)
+
+    result["per_class"] = []
+    for k, name in enumerate(classes):
+        mask = labels == k
+        if not mask.any():
+            continue
+        row: dict[str, Any] = {"class": k, "name": name, "n": int(mask.sum()),
+                               "clean_accuracy": _rate(correct[mask], int(mask.sum())), "robust_accuracy": {}}
+        for norm, worst in worst_by_norm.items():
+            for e, eps in enumerate(grids[norm]):
+                row["robust_accuracy"][eps_key(norm, eps)] = _rate(worst[e][mask], int(mask.sum()))
+        result["per_class"].append(row)
+
+    result["minimal"] = None
+    if minimal_norms:
+        result["minimal"] = {}
+        for name, metric in minimal_norms.items():
+            sizes = _cat([c.minimal[name] for c in chunks])[correct]
+            found = sizes[np.isfinite(sizes)]
+            result["minimal"][name] = {
+                "success_rate": _rate(np.isfinite(sizes), n_correct),
+                f"median_{metric}": round(float(np.median(found)), 5) if found.size else None,
+                f"mean_{metric}": round(float(found.mean()), 5) if found.size else None,
+            }
+
+    result["detector"] = None
+    if detector is not None and worst_by_norm:
+        info: dict[str, Any] = {**detector, "detection_rate": {}, "detect_reject_accuracy": {},
+                                "detection_rate_by_attack": {}}
+        clean_flagged = _cat([c.clean_flagged for c in chunks if c.clean_flagged is not None])
+        info["clean_rejection_rate"] = _rate(clean_flagged, n)
+        for norm, worst in worst_by_norm.items():
+            flagged = _cat([c.flagged[norm] for c in chunks])
+            for e, eps in enumerate(grids[norm]):
+                broken = correct & ~worst[e]
+                key = eps_key(norm, eps)
+                info["detection_rate"][key] = _rate(flagged[e] & broken, int(broken.sum()))
+                # An attacked input counts as stopped if it is classified correctly or rejected.
+                info["detect_reject_accuracy"][key] = _rate(worst[e] | (broken & flagged[e]), n)
+            by_stage = [c.flagged_by_stage.get(norm) for c in chunks]
+            if stages.get(norm) and all(f is not None for f in by_stage):
+                flags = _cat([f for f in by_stage if f is not None])  # (stages, eps, n)
+                robust = _cat([c.robust[norm] for c in chunks])
+                for s, name in enumerate(stages[norm]):
+                    rates = info["detection_rate_by_attack"].setdefault(name, {})
+                    for e, eps in enumerate(grids[norm]):
+                        hit = correct & ~robust[s, e]
+                        rates[eps_key(norm, eps)] = _rate(flags[s, e] & hit, int(hit.sum()))
+        result["detector"] = info
+
+    transfers = sorted({name for c in chunks for name in c.transfer})
+    result["transfer"] = [
+        {"surrogate": name, "success_rate": _rate(_cat([c.transfer[name] for c in chunks]), n_correct)}
+        for name in transfers] or None
+    result["masking_checks"] = masking_checks(counters, result, grids, stages, n_correct, tol)
+    result["counters"] = counters
+    return result
+
+
+def _check(name: str, warn: bool, evidence: str, **values: Any) -> dict[str, Any]:
+    return {"name": name, "status": "warn" if warn else "pass", "evidence": evidence, "values": values}
+
+
+def masking_checks(counters: Mapping[str, float], result: Mapping[str, Any],
+                   grids: Mapping[str, Sequence[float]], stages: Mapping[str, Sequence[str]], n_correct: int,
+                   tol: Tolerances) -> dict[str, Any]:
+    """Each check as pass/warn with the evidence (Carlini et al. 2019's checklist)."""
+    checks = []
+    base = max(n_correct, 1)
+    single = {k.split("@", 1)[1]: v for k, v in counters.items() if k.startswith("single_step_only@")}
+    if single:
+        where, worst = max(single.items(), key=lambda kv: kv[1])
+        checks.append(_check(
+            "iterative-not-weaker-than-single-step", worst > max(1.0, tol.single_step_only * base),
+            f"FGSM broke {int(worst)} sample(s) that no iterative attack broke (worst at {where}); "
+            f"tolerance: 1 sample or {tol.single_step_only:.0%} of {n_correct} correct", by_eps=single))
+    for norm, grid in grids.items():
+        curve = result["curves"].get(norm)
+        if not curve:
+            continue
+        last = curve["worst_case"][-1]
+        checks.append(_check(
+            f"success-grows-with-eps-{norm}", last is not None and last > tol.largest_eps_robust,
+            f"worst-case robust accuracy {last:.3f} at the largest {norm} eps {grid[-1]:g} "
+            f"(expected at most {tol.largest_eps_robust:g})", curve=curve["worst_case"]))
+    attacked = counters.get("unbounded_attacked", 0.0)
+    if attacked:
+        rate = counters.get("unbounded_broken", 0.0) / attacked
+        checks.append(_check(
+            "unbounded-attack-succeeds", rate < tol.unbounded_success,
+            f"PGD over the whole input range (no random start) broke {rate:.1%} of {int(attacked)} samples "
+            f"(expected at least {tol.unbounded_success:.0%}): below that, gradients do not lead anywhere",
+            success_rate=round(rate, 4)))
+    black = {k.split("@", 1)[1]: v for k, v in counters.items() if k.startswith("black_box_only@")}
+    if black:
+        total = sum(black.values())
+        where = max(black.items(), key=lambda kv: kv[1])[0]
+        checks.append(_check(
+            "white-box-beats-black-box", total > tol.black_box_only,
+            f"black-box attacks broke {int(total)} sample-eps pair(s) that every white-box attack failed "
+            f"on (most at {where})", by_eps=black))
+    for norm in grids:
+        key = f"more_steps_attacked@{norm}"
+        if key not in counters:
+            continue
+        broken, attacked = counters[f"more_steps_broken@{norm}"], counters[key]
+        eps = counters.get(f"more_steps_eps@{norm}", 0.0)
+        checks.append(_check(
+            f"more-steps-and-restarts-{norm}", broken > max(1.0, tol.more_steps * base),
+            f"PGD with 5x the steps and 3 restarts at {norm} eps {eps:g} broke {int(broken)} of "
+            f"{int(attacked)} samples that survived the suite (tolerance: 1 sample or "
+            f"{tol.more_steps:.0%})",
+            broken=int(broken), attacked=int(attacked)))
+    zero = counters.get("zero_gradients", 0.0)
+    checks.append(_check(
+        "gradients-not-vanishing", zero > tol.zero_gradients * base,
+        f"{int(zero)} of {n_correct} correct samples have an exactly zero input gradient of the "
+        f"cross-entropy ({int(counters.get('tiny_gradients', 0.0))} below 1e-6; median norm "
+        f"{counters.get('median_gradient_norm', 0.0):.3g}; mean L1 of the logits "
+        f"{counters.get('mean_l1_logits', 0.0) / max(counters.get('n', 1.0), 1.0):.3g})",
+        zero=int(zero)))
+    diff = counters.get("random_max_logit_diff", 0.0)
+    checks.append(_check(
+        "deterministic-forward-pass", diff > 1e-5,
+        "the same inputs gave the same logits" if diff <= 1e-5 else
+        f"the same inputs gave logits up to {diff:.3g} apart: the model is randomized, white-box "
+        "stages used EOT", max_logit_diff=diff))
+    return {"status": "warn" if any(c["status"] == "warn" for c in checks) else "pass", "checks": checks}
+
+
+def worst_case_rows(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]],
+                    stages: Mapping[str, Sequence[str]]) -> tuple[list[str], list[list[Any]]]:
+    """Per-sample worst case: for each norm, the smallest eps broken and by which attack."""
+    labels = _cat([c.labels for c in chunks])
+    clean_pred = _cat([c.clean_pred for c in chunks])
+    header = ["index", "label", "clean_pred"]
+    columns: list[list[Any]] = []
+    for norm, grid in grids.items():
+        if not stages.get(norm):
+            continue
+        broken_by = _cat([c.broken_by[norm] for c in chunks])  # (eps, n)
+        header += [f"{norm}_min_eps", f"{norm}_attack"]
+        first = np.where((broken_by >= 0).any(0), (broken_by >= 0).argmax(0), -1)
+        columns.append(["" if f < 0 else f"{grid[f]:g}" for f in first])
+        columns.append(["" if f < 0 else stages[norm][broken_by[f, i]] for i, f in enumerate(first)])
+    rows = []
+    for i in range(labels.size):
+        rows.append([i, int(labels[i]), int(clean_pred[i]), *[col[i] for col in columns]])
+    return header, rows
+
+
+def nan_to_none(value: Any) -> Any:
+    """JSON cannot hold NaN or infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [nan_to_none(v) for v in value]
+    return value

@@ -1,0 +1,564 @@
+"""The audit report: one self-contained HTML page made from an audit result and a few sample images.
+
+Torch-free (numpy, Pillow, stdlib) so that the gateway can render it too. The page needs nothing from
+outside: charts are inline SVG, images are PNG data URIs, styles are inline, there is no script.
+Every string that comes from the result or the class list is escaped on its way into the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from html import escape
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+NOT_RUN = '<p class="not-run">Not run.</p>'
+MISSING = "—"
+# Images are upscaled (nearest neighbour) to at least this many pixels on their longer side.
+MIN_IMAGE_PX = 84
+# Okabe-Ito colours (told apart with the common colour-vision deficiencies), yellow left out as too
+# pale on white; the worst case is drawn thicker, in near-black.
+ATTACK_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#7f7f7f")
+ATTACK_DASHES = ("", "7 3", "2 3", "9 3 2 3", "4 2", "1 2", "12 4")
+WORST_CASE_COLOR = "#222222"
+
+
+@dataclass(frozen=True)
+class ReportSamples:
+    """A few audited images and their worst-case adversarial versions at one eps.
+
+    ``x`` and ``x_adv`` are ``(k, C, H, W)`` with C in {1, 3}, values in ``bounds``; ``labels``,
+    ``clean_pred`` and ``adv_pred`` are ``(k,)`` class indices; ``eps_label`` names the eps the
+    adversarial images belong to, e.g. ``"linf:8/255"``.
+    """
+
+    x: np.ndarray
+    x_adv: np.ndarray
+    labels: np.ndarray
+    clean_pred: np.ndarray
+    adv_pred: np.ndarray
+    eps_label: str
+    bounds: tuple[float, float]
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or self.x.shape[1] not in (1, 3):
+            raise ValueError(f"expected x of shape (k, 1 or 3, H, W), got {self.x.shape}")
+        if self.x_adv.shape != self.x.shape:
+            raise ValueError(f"expected x_adv of shape {self.x.shape}, got {self.x_adv.shape}")
+        k = self.x.shape[0]
+        for name in ("labels", "clean_pred", "adv_pred"):
+            shape = getattr(self, name).shape
+            if shape != (k,):
+                raise ValueError(f"expected {name} of shape ({k},), got {shape}")
+        lo, hi = self.bounds
+        if not lo < hi:
+            raise ValueError(f"expected bounds (lo, hi) with lo < hi, got {self.bounds}")
+
+
+def amplify_perturbation(x: np.ndarray, x_adv: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """``x_adv - x`` scaled so that its largest magnitude reaches the edge of ``bounds``, centred on
+    mid-grey: zero change shows as mid-grey, the largest change as black or white. No change at all
+    gives a flat mid-grey image."""
+    lo, hi = bounds
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    delta = np.asarray(x_adv, dtype=np.float64) - np.asarray(x, dtype=np.float64)
+    peak = float(np.abs(delta).max()) if delta.size else 0.0
+    if peak == 0.0 or not math.isfinite(peak):
+        return np.full(delta.shape, mid, dtype=np.float32)
+    return (mid + delta * (half / peak)).astype(np.float32)
+
+
+def png_data_uri(image: np.ndarray, bounds: tuple[float, float], min_px: int = MIN_IMAGE_PX) -> str:
+    """A ``(C, H, W)`` image (C in {1, 3}, values in ``bounds``) as a ``data:image/png`` URI, upscaled
+    by a whole factor with nearest neighbour so that its longer side is at least ``min_px``."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image of shape (1 or 3, H, W), got {image.shape}")
+    lo, hi = bounds
+    scaled = (np.asarray(image, dtype=np.float64) - lo) / (hi - lo) * 255.0
+    pixels = np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+    picture = (
+        Image.fromarray(pixels[0], mode="L")
+        if pixels.shape[0] == 1
+        else Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
+    )
+    factor = _upscale(picture.height, picture.width, min_px)
+    if factor > 1:
+        picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def render_report(result: Mapping[str, Any], samples: ReportSamples | None, classes: Sequence[str]) -> str:
+    """The whole report page (UTF-8 HTML5) for an audit ``result`` (the audit job's JSON result;
+    any section may be missing or None and then reads "Not run."), with image grids from ``samples``
+    and class names from ``classes``."""
+    model = result.get("model")
+    title = f"Robustness audit — {model}" if model else "Robustness audit"
+    body = "\n".join(
+        [
+            f"<header><h1>{_e(title)}</h1>{_summary(result)}</header>",
+            _section("Robust accuracy", _curves(result.get("curves"))),
+            _section("Gradient-masking checks", _masking(result.get("masking_checks"))),
+            _section("Gate", _gate(result.get("gate"))),
+            _section("Per class", _per_class(result)),
+            _section("Minimal perturbations", _minimal(result.get("minimal"))),
+            _section("Detector", _detector(result.get("detector"))),
+            _section("Transfer attacks", _transfer(result.get("transfer"))),
+            _section("Sample images", _samples(samples, classes)),
+        ]
+    )
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n"
+    )
+
+
+# --- formatting -------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _pct(value: Any) -> str:
+    """A fraction in [0, 1] as a percentage, e.g. ``0.92 -> "92.0%"``."""
+    if not _is_number(value) or not math.isfinite(value):
+        return MISSING if value is None else _e(value)
+    return f"{100 * value:.1f}%"
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _e(value)
+
+
+def _is_fraction_key(key: str) -> bool:
+    return any(word in key for word in ("rate", "accuracy", "fpr"))
+
+
+def _section(heading: str, content: str) -> str:
+    anchor = heading.lower().replace(" ", "-")
+    return f'<section id="{_e(anchor)}">\n<h2>{_e(heading)}</h2>\n{content}\n</section>'
+
+
+def _table(head: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int = 1) -> str:
+    """A table from already-escaped cells; columns from ``numeric_from`` on are right-aligned."""
+    def align(i: int) -> str:
+        return ' class="num"' if i >= numeric_from else ""
+
+    head_html = "".join(f'<th scope="col"{align(i)}>{cell}</th>' for i, cell in enumerate(head))
+    body_html = "\n".join(
+        "<tr>" + "".join(f"<td{align(i)}>{cell}</td>" for i, cell in enumerate(row)) + "</tr>" for row in rows
+    )
+    return (
+        f'<div class="scroll"><table>\n<thead><tr>{head_html}</tr></thead>\n'
+        f"<tbody>\n{body_html}\n</tbody>\n</table></div>"
+    )
+
+
+def _shade(value: Any) -> str:
+    """A cell with a percentage, tinted from red (0) to green (1) so a table reads at a glance."""
+    if not _is_number(value) or not math.isfinite(value):
+        return _pct(value)
+    hue = round(120 * min(max(value, 0.0), 1.0))
+    return f'<span class="cell" style="background:hsl({hue}, 70%, 88%)">{_pct(value)}</span>'
+
+
+def _marker(status: Any) -> str:
+    """A status as text plus symbol, so it reads without colour too."""
+    known = {
+        "pass": ("pass", "✔ pass"),
+        "warn": ("warn", "⚠ warn"),
+        "fail": ("fail", "✘ fail"),
+    }
+    css, text = known.get(str(status), ("unknown", str(status) if status is not None else "not run"))
+    return f'<span class="badge {css}">{_e(text)}</span>'
+
+
+# --- sections ---------------------------------------------------------------------------------------
+
+
+def _summary(result: Mapping[str, Any]) -> str:
+    gate = result.get("gate") if isinstance(result.get("gate"), Mapping) else None
+    verdict = gate.get("verdict") if gate else None
+    verdict_html = _marker(verdict) if verdict is not None else '<span class="badge unknown">no gate</span>'
+    items = [
+        ("Model", _e(result["model"]) if result.get("model") is not None else MISSING),
+        ("Suite", _num(result.get("suite"))),
+        ("Samples (n)", _num(result.get("n"))),
+        ("Seed", _num(result.get("seed"))),
+        ("Clean accuracy", _pct(result.get("clean_accuracy"))),
+        ("Verdict", verdict_html),
+        ("BPDA used", _num(result.get("bpda")) if result.get("bpda") is not None else "not recorded"),
+        ("EOT used", _num(result.get("eot")) if result.get("eot") is not None else "not recorded"),
+        ("Time", f"{result['seconds']:.1f} s" if _is_number(result.get("seconds")) else MISSING),
+    ]
+    cells = "".join(f"<div><dt>{_e(name)}</dt><dd>{value}</dd></div>" for name, value in items)
+    return f'<dl class="summary">{cells}</dl>'
+
+
+def _curves(curves: Any) -> str:
+    if not isinstance(curves, Mapping) or not curves:
+        return NOT_RUN
+    parts = []
+    for norm, curve in curves.items():
+        if not isinstance(curve, Mapping):
+            continue
+        eps = list(curve.get("eps") or [])
+        labels = [str(label) for label in curve.get("labels") or [f"{float(v):.4g}" for v in eps]]
+        attacks = curve.get("attacks") or {}
+        series = [(str(name), list(values or [])) for name, values in attacks.items()]
+        worst = curve.get("worst_case")
+        chart = line_chart_svg(f"Robust accuracy under {norm} attacks", f"eps ({norm})", labels, series,
+                               list(worst) if worst else None)
+        rows = [[_e(name), *(_pct(v) for v in values)] for name, values in series]
+        if worst:
+            rows.append(["<strong>worst case</strong>", *(f"<strong>{_pct(v)}</strong>" for v in worst)])
+        table = _table(["attack", *(_e(label) for label in labels)], rows)
+        parts.append(f'<figure class="chart">{chart}<figcaption>{_e(norm)}</figcaption></figure>\n{table}')
+    return "\n".join(parts) or NOT_RUN
+
+
+def line_chart_svg(
+    title: str,
+    x_title: str,
+    labels: Sequence[str],
+    series: Sequence[tuple[str, Sequence[Any]]],
+    worst_case: Sequence[Any] | None,
+) -> str:
+    """An inline SVG line chart: x = categorical eps positions, y = accuracy in [0, 1]; one polyline
+    per series plus a thicker one for the worst case, axis ticks, a legend below the plot."""
+    width, left, right, top, plot_h = 680, 56, 20, 34, 240
+    plot_w = width - left - right
+    rotate = len(labels) > 9 or max((len(label) for label in labels), default=0) > 8
+    x_axis_h = 70 if rotate else 44
+
+    def x_at(i: int) -> float:
+        return left + (plot_w / 2 if len(labels) <= 1 else plot_w * i / (len(labels) - 1))
+
+    def y_at(value: float) -> float:
+        return top + plot_h * (1 - min(max(value, 0.0), 1.0))
+
+    lines: list[tuple[str, Sequence[Any], str, str, float]] = [
+        (name, values, ATTACK_COLORS[i % len(ATTACK_COLORS)], ATTACK_DASHES[i % len(ATTACK_DASHES)], 2.0)
+        for i, (name, values) in enumerate(series)
+    ]
+    if worst_case is not None:
+        lines.append(("worst case", worst_case, WORST_CASE_COLOR, "", 4.0))
+
+    # Legend rows below the plot, laid out by a rough text width (7 px a character at 12 px).
+    legend: list[str] = []
+    legend_top = top + plot_h + x_axis_h + 14
+    x, y = left, legend_top
+    for name, _, color, dash, stroke in lines:
+        item_w = 34 + 7 * len(name) + 18
+        if x + item_w > width and x > left:
+            x, y = left, y + 20
+        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+        legend.append(
+            f'<line x1="{x}" y1="{y}" x2="{x + 26}" y2="{y}" stroke="{color}" '
+            f'stroke-width="{stroke}"{dash_attr}/>'
+            f'<text x="{x + 32}" y="{y + 4}" class="legend">{_e(name)}</text>'
+        )
+        x += item_w
+    height = y + 16
+
+    grid = []
+    for tick in range(6):
+        value = tick / 5
+        ty = y_at(value)
+        grid.append(
+            f'<line x1="{left}" y1="{ty:.1f}" x2="{left + plot_w}" y2="{ty:.1f}" class="grid"/>'
+            f'<text x="{left - 8}" y="{ty + 4:.1f}" text-anchor="end" class="tick">{value:.1f}</text>'
+        )
+    for i, label in enumerate(labels):
+        tx = x_at(i)
+        ty = top + plot_h + 16
+        text = (
+            f'<text x="{tx:.1f}" y="{ty}" text-anchor="end" transform="rotate(-40 {tx:.1f} {ty})" '
+            f'class="tick">{_e(label)}</text>'
+            if rotate
+            else f'<text x="{tx:.1f}" y="{ty}" text-anchor="middle" class="tick">{_e(label)}</text>'
+        )
+        base = top + plot_h
+        tick_line = f'<line x1="{tx:.1f}" y1="{base}" x2="{tx:.1f}" y2="{base + 5}" class="axis"/>'
+        grid.append(tick_line + text)
+
+    plotted = []
+    for name, values, color, dash, stroke in lines:
+        points = [
+            (i, x_at(i), y_at(float(v)), float(v))
+            for i, v in enumerate(values[: len(labels)])
+            if _is_number(v) and math.isfinite(v)
+        ]
+        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+        coords = " ".join(f"{px:.1f},{py:.1f}" for _, px, py, _ in points)
+        plotted.append(
+            f'<polyline data-series="{_e(name)}" points="{coords}" fill="none" stroke="{color}" '
+            f'stroke-width="{stroke}" stroke-linejoin="round"{dash_attr}/>'
+        )
+        plotted.extend(
+            f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{stroke + 1:.1f}" fill="{color}">'
+            f"<title>{_e(name)} at {_e(labels[i])}: {_pct(v)}</title></circle>"
+            for i, px, py, v in points
+        )
+
+    frame = (
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" class="axis"/>'
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" class="axis"/>'
+        f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + x_axis_h - 8}" text-anchor="middle" '
+        f'class="axis-title">{_e(x_title)}</text>'
+        f'<text x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" transform="rotate(-90 14 '
+        f'{top + plot_h / 2:.1f})" class="axis-title">robust accuracy</text>'
+        f'<text x="{left}" y="20" class="chart-title">{_e(title)}</text>'
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{_e(title)}" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}"><title>{_e(title)}</title>'
+        + "".join(grid)
+        + frame
+        + "".join(plotted)
+        + "".join(legend)
+        + "</svg>"
+    )
+
+
+def _masking(masking: Any) -> str:
+    if not isinstance(masking, Mapping):
+        return NOT_RUN
+    checks = masking.get("checks") or []
+    rows = []
+    for check in checks:
+        values = check.get("values") or {}
+        values_html = (
+            "<br>".join(f"<code>{_e(k)} = {_num(v)}</code>" for k, v in values.items())
+            if isinstance(values, Mapping)
+            else _e(values)
+        )
+        rows.append([_e(check.get("name", MISSING)), _marker(check.get("status")),
+                     _e(check.get("evidence") or ""), values_html])
+    overall = f'<p>Overall: {_marker(masking.get("status"))}</p>'
+    if not rows:
+        return overall + '<p class="not-run">No checks recorded.</p>'
+    return overall + _table(["check", "status", "evidence", "values"], rows, numeric_from=4)
+
+
+def _gate(gate: Any) -> str:
+    if not isinstance(gate, Mapping):
+        return NOT_RUN
+    verdict = gate.get("verdict")
+    head = f'<p>Verdict: {_marker(verdict) if verdict is not None else "no gate given"}</p>'
+    lines = gate.get("lines") or []
+    if not lines:
+        return head
+    rows = [
+        [
+            f"<code>{_e(line.get('expression', MISSING))}</code>",
+            _num(line.get("value")),
+            _marker({True: "pass", False: "fail"}.get(line.get("passed"))),
+            _e(line.get("detail") or ""),
+        ]
+        for line in lines
+    ]
+    return head + _table(["expression", "value", "result", "detail"], rows, numeric_from=1)
+
+
+def _per_class(result: Mapping[str, Any]) -> str:
+    per_class: list[Any] = list(result.get("per_class") or [])
+    robust_accuracy = result.get("robust_accuracy")
+    overall: Mapping[str, Any] = robust_accuracy if isinstance(robust_accuracy, Mapping) else {}
+    if not per_class and not overall and result.get("clean_accuracy") is None:
+        return NOT_RUN
+    eps_labels = list(overall)
+    for entry in per_class:
+        eps_labels.extend(k for k in entry.get("robust_accuracy") or {} if k not in eps_labels)
+    rows = []
+    for entry in per_class:
+        robust = entry.get("robust_accuracy") or {}
+        name = entry.get("name")
+        rows.append(
+            [_num(entry.get("class")), _e(name) if name is not None else MISSING, _num(entry.get("n")),
+             _shade(entry.get("clean_accuracy")), *(_shade(robust.get(label)) for label in eps_labels)]
+        )
+    rows.append(
+        ["<strong>all</strong>", "", _num(result.get("n")), _shade(result.get("clean_accuracy")),
+         *(_shade(overall.get(label)) for label in eps_labels)]
+    )
+    head = ["class", "name", "n", "clean", *(_e(label) for label in eps_labels)]
+    note = "" if per_class else '<p class="not-run">Per-class breakdown not run.</p>'
+    return note + _table(head, rows, numeric_from=2)
+
+
+def _minimal(minimal: Any) -> str:
+    if not isinstance(minimal, Mapping) or not minimal:
+        return NOT_RUN
+    keys: list[str] = []
+    for stats in minimal.values():
+        keys.extend(k for k in (stats or {}) if k not in keys)
+    rows = [
+        [_e(attack), *((_pct if _is_fraction_key(k) else _num)((stats or {}).get(k)) for k in keys)]
+        for attack, stats in minimal.items()
+    ]
+    return _table(["attack", *(_e(k.replace("_", " ")) for k in keys)], rows)
+
+
+def _detector(detector: Any) -> str:
+    if not isinstance(detector, Mapping):
+        return NOT_RUN
+    rates = detector.get("detection_rate") or {}
+    reject = detector.get("detect_reject_accuracy") or {}
+    head = (
+        f"<p>Threshold {_num(detector.get('threshold'))}, false-positive rate on clean inputs "
+        f"{_pct(detector.get('fpr'))}.</p>"
+    )
+    labels = list(rates) + [k for k in reject if k not in rates]
+    rows = [[_e(label), _pct(rates.get(label)), _pct(reject.get(label))] for label in labels]
+    return head + (_table(["eps", "detection rate", "detect-and-reject accuracy"], rows) if rows else "")
+
+
+def _transfer(transfer: Any) -> str:
+    if not transfer:
+        return NOT_RUN
+    rows = [
+        [
+            _e(entry.get("surrogate", MISSING)),
+            _e(entry.get("eps_label", MISSING)),
+            _pct(entry.get("success_rate")),
+        ]
+        for entry in transfer
+    ]
+    return _table(["surrogate", "eps", "success rate"], rows, numeric_from=2)
+
+
+def _class_name(classes: Sequence[str], index: Any) -> str:
+    i = int(index)
+    return classes[i] if 0 <= i < len(classes) else str(i)
+
+
+def _samples(samples: ReportSamples | None, classes: Sequence[str]) -> str:
+    if samples is None or samples.x.shape[0] == 0:
+        return NOT_RUN
+    lo, hi = samples.bounds
+    rows = []
+    for i in range(samples.x.shape[0]):
+        x, x_adv = samples.x[i], samples.x_adv[i]
+        peak = float(np.abs(np.asarray(x_adv, np.float64) - np.asarray(x, np.float64)).max())
+        factor = (hi - lo) / 2 / peak if peak > 0 else 0.0
+        true = _class_name(classes, samples.labels[i])
+        clean = _class_name(classes, samples.clean_pred[i])
+        adv = _class_name(classes, samples.adv_pred[i])
+        images = [
+            (png_data_uri(x, samples.bounds), "clean", f"clean: {true}"),
+            (png_data_uri(x_adv, samples.bounds), "adversarial", f"adversarial: {adv}"),
+            (
+                png_data_uri(amplify_perturbation(x, x_adv, samples.bounds), samples.bounds),
+                f"perturbation ×{factor:.3g}" if peak > 0 else "perturbation (none)",
+                f"perturbation, max |delta| {peak:.3g}",
+            ),
+        ]
+        width, height = _display_px(x)
+        figures = "".join(
+            f'<figure><img src="{uri}" alt="{_e(alt)}" width="{width}" height="{height}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>"
+            for uri, caption, alt in images
+        )
+        if int(samples.clean_pred[i]) != int(samples.labels[i]):
+            outcome = '<span class="wrong">wrong before the attack</span>'
+        elif int(samples.adv_pred[i]) != int(samples.labels[i]):
+            outcome = '<span class="fooled">fooled</span>'
+        else:
+            outcome = '<span class="held">held</span>'
+        caption = (
+            f"true: <strong>{_e(true)}</strong> · clean prediction: <strong>{_e(clean)}</strong> · "
+            f"adversarial prediction: <strong>{_e(adv)}</strong> {outcome}"
+        )
+        rows.append(f'<div class="sample"><div class="images">{figures}</div><p>{caption}</p></div>')
+    intro = (
+        f"<p>Worst-case adversarial examples at <code>{_e(samples.eps_label)}</code>. The perturbation is "
+        "amplified so its largest change reaches black or white; mid-grey is no change.</p>"
+    )
+    return intro + '<div class="samples">' + "\n".join(rows) + "</div>"
+
+
+def _upscale(h: int, w: int, min_px: int) -> int:
+    """The whole factor that brings the longer side to at least ``min_px``."""
+    return max(1, math.ceil(min_px / max(h, w)))
+
+
+def _display_px(image: np.ndarray) -> tuple[int, int]:
+    """Width and height the upscaled PNG of a ``(C, H, W)`` image has."""
+    h, w = int(image.shape[1]), int(image.shape[2])
+    factor = _upscale(h, w, MIN_IMAGE_PX)
+    return w * factor, h * factor
+
+
+_CSS = """
+:root { color-scheme: light; }
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1b1b1b;
+  background: #fafafa; margin: 0; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px; }
+h1 { font-size: 1.6em; margin: 0 0 12px; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin: 14px 0 10px; }
+section, header { background: #fff; border: 1px solid #e4e4e4; border-radius: 6px; padding: 4px 18px 14px;
+  margin-bottom: 18px; }
+header { padding-top: 16px; }
+.summary { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 8px 18px;
+  margin: 0; }
+.summary dt { font-size: 0.8em; color: #666; text-transform: uppercase; letter-spacing: 0.04em; }
+.summary dd { margin: 0; font-weight: 600; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: 8px 0 4px; font-size: 0.92em; }
+th, td { border-bottom: 1px solid #e6e6e6; padding: 4px 10px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; font-weight: 600; }
+.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.cell { display: inline-block; min-width: 4em; padding: 0 4px; border-radius: 3px; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-weight: 600; font-size: 0.9em;
+  white-space: nowrap; }
+.badge.pass { background: #d7f2dc; color: #125c24; }
+.badge.warn { background: #fff0c2; color: #6b4b00; }
+.badge.fail { background: #fadad7; color: #8a1c12; }
+.badge.unknown { background: #eceff3; color: #40474f; }
+.not-run { color: #777; font-style: italic; }
+figure { margin: 0; }
+.chart { margin: 8px 0; }
+.chart svg { max-width: 100%; height: auto; display: block; }
+.chart figcaption { display: none; }
+svg .grid { stroke: #e3e3e3; stroke-width: 1; }
+svg .axis { stroke: #555; stroke-width: 1; }
+svg .tick { font-size: 11px; fill: #444; }
+svg .legend { font-size: 12px; fill: #222; }
+svg .axis-title { font-size: 12px; fill: #333; }
+svg .chart-title { font-size: 14px; font-weight: 600; fill: #222; }
+.samples { display: grid; grid-template-columns: repeat(auto-fill, minmax(330px, 1fr)); gap: 14px; }
+.sample { border: 1px solid #eee; border-radius: 4px; padding: 8px; }
+.sample p { margin: 6px 0 0; font-size: 0.88em; }
+.images { display: flex; gap: 8px; }
+.images figure { text-align: center; width: min-content; }
+.images img { image-rendering: pixelated; border: 1px solid #ccc; display: block; }
+.images figcaption { font-size: 0.75em; color: #555; }
+.fooled { color: #8a1c12; font-weight: 600; }
+.held { color: #125c24; font-weight: 600; }
+.wrong { color: #6b4b00; font-weight: 600; }
+code { font-size: 0.92em; }
+"""

@@ -1,0 +1,290 @@
+"""RQ entry points of audits: one job per chunk of samples (spread over every worker serving the
+``audits`` queue), then one merge job that depends on all of them. Orchestration only: the battery
+is ``workers.audit.battery``, the merge ``workers.audit.merge``, the report ``workers.audit.report``.
+
+A chunk stores its per-sample arrays as ``audits/<audit id>/chunk-<i>.npz`` in the blob store; the
+merge job reads them all, writes ``report.html``, ``samples.csv`` and ``audit.json`` as the audit's
+artifacts, evaluates the gate and returns the result.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from rq import get_current_job
+from rq.job import Job
+
+from workers.artifacts import csv_bytes
+from workers.attacks.apgd import APGDSpec
+from workers.attacks.cw import CarliniWagnerL2Spec
+from workers.attacks.deepfool import DeepFoolSpec
+from workers.attacks.fgsm import FGSMSpec
+from workers.attacks.pgd import PGDSpec
+from workers.attacks.square import SquareSpec
+from workers.audit.battery import AuditPlan, ChunkResult, Detector, Stage, run_battery
+from workers.audit.gate import evaluate_gate, parse_gate
+from workers.audit.merge import Chunk, merge, nan_to_none, worst_case_rows
+from workers.audit.report import ReportSamples, render_report
+from workers.cache import UnknownModelError
+from workers.errors import InvalidJob, JobFailure
+from workers.jobs import _check_cancel, _fail_meta, _progress, context, kernel_spec, load_inputs
+from workers.specs import (
+    MINIMAL_ATTACKS,
+    AuditChunkJob,
+    AuditMergeJob,
+    AuditSpec,
+)
+
+log = logging.getLogger(__name__)
+PROBE = "fgsm"
+
+
+# --- the plan --------------------------------------------------------------------------------
+
+
+def stage_names(spec: AuditSpec) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Bounded attack names per norm (suite order) and minimal attacks -> their norm; torch-free
+    twin of ``build_plan`` used by the merge."""
+    bounded: dict[str, list[str]] = {norm: [] for norm in spec.grids}
+    minimal: dict[str, str] = {}
+    for norm in spec.grids:
+        if spec.suite == "quick":
+            bounded[norm] = ["fgsm", "pgd"]
+        elif spec.suite == "standard":
+            bounded[norm] = [PROBE, "apgd-ce", "apgd-t", "square"]
+        elif spec.suite == "custom":
+            names: list[str] = [a.name for a in spec.attacks or [] if a.name not in MINIMAL_ATTACKS
+                                and getattr(a, "norm", "linf") == norm]
+            bounded[norm] = ([PROBE] if PROBE not in names else []) + names
+    if spec.suite == "minimal":
+        minimal = {"deepfool": "l2", "carlini-wagner-l2": "l2"}
+        if "linf" in spec.grids:
+            minimal["deepfool-linf"] = "linf"
+    elif spec.suite == "custom":
+        for attack in spec.attacks or []:
+            if attack.name in MINIMAL_ATTACKS:
+                minimal[attack.name] = "l0" if attack.name == "jsma" else getattr(attack, "norm", "l2")
+    return bounded, minimal
+
+
+def build_plan(spec: AuditSpec, detector: Detector | None, surrogates: tuple[Any, ...],
+               batch_size: int) -> AuditPlan:
+    bounded, minimal_names = stage_names(spec)
+    stages: dict[str, tuple[Stage, ...]] = {}
+    for norm, names in bounded.items():
+        made = []
+        for name in names:
+            if spec.suite == "custom" and name != PROBE:
+                attack = next(a for a in spec.attacks or []
+                              if a.name == name and getattr(a, "norm", "linf") == norm)
+                _, kspec = kernel_spec(attack)
+            elif name == "fgsm":
+                kspec = FGSMSpec(eps=1.0, norm=norm, check=False)  # type: ignore[arg-type]
+            elif name == "pgd":
+                kspec = PGDSpec(eps=1.0, norm=norm, steps=spec.steps or 20)  # type: ignore[arg-type]
+            elif name == "apgd-ce":
+                kspec = APGDSpec(eps=1.0, norm=norm, steps=spec.steps or 100)  # type: ignore[arg-type]
+            elif name == "apgd-t":
+                kspec = APGDSpec(eps=1.0, norm=norm, steps=spec.steps or 100,  # type: ignore[arg-type]
+                                 n_target_classes=spec.n_target_classes)
+            else:
+                kspec = SquareSpec(eps=1.0, norm=norm, max_queries=spec.square_queries)  # type: ignore[arg-type]
+            made.append(Stage(name, kspec, norm))
+        stages[norm] = tuple(made)
+    minimal = []
+    for name, norm in minimal_names.items():
+        if name == "deepfool":
+            minimal.append(Stage("deepfool", DeepFoolSpec(norm="l2"), "l2", bounded=False))
+        elif name == "deepfool-linf":
+            minimal.append(Stage("deepfool", DeepFoolSpec(norm="linf"), "linf", bounded=False))
+        elif name == "carlini-wagner-l2":
+            minimal.append(Stage(name, CarliniWagnerL2Spec(), "l2", bounded=False))
+        else:
+            attack = next(a for a in spec.attacks or [] if a.name == name)
+            minimal.append(Stage(name, kernel_spec(attack)[1], norm, bounded=False))
+    return AuditPlan(grids={n: tuple(g) for n, g in spec.grids.items()}, stages=stages, minimal=tuple(minimal),
+                     check_eps=spec.check_eps, detector=detector, surrogates=surrogates,
+                     transfer_eps=spec.transfer_eps if surrogates else None, batch_size=batch_size)
+
+
+# --- chunks ----------------------------------------------------------------------------------
+
+
+def _save(result: ChunkResult, minimal_keys: list[str]) -> bytes:
+    arrays: dict[str, np.ndarray] = {"labels": result.labels, "clean_pred": result.clean_pred}
+    for norm, value in result.robust.items():
+        arrays[f"robust.{norm}"] = value
+        arrays[f"broken_by.{norm}"] = result.broken_by[norm]
+        arrays[f"images.{norm}"] = result.images[norm]
+        arrays[f"image_preds.{norm}"] = result.image_preds[norm]
+    for norm, value in result.flagged.items():
+        arrays[f"flagged.{norm}"] = value
+    for norm, value in result.flagged_by_stage.items():
+        arrays[f"flagged_by_stage.{norm}"] = value
+    if result.clean_flagged is not None:
+        arrays["clean_flagged"] = result.clean_flagged
+    if result.clean_images is not None:
+        arrays["clean_images"] = result.clean_images
+    for i, key in enumerate(minimal_keys):
+        arrays[f"minimal.{i}"] = result.minimal[key]
+    for i, value in enumerate(result.transfer.values()):
+        arrays[f"transfer.{i}"] = value
+    meta = {"counters": result.counters, "bpda": result.bpda, "eot": result.eot,
+            "minimal": minimal_keys, "transfer": list(result.transfer)}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _load(data: bytes) -> tuple[Chunk, dict[str, np.ndarray]]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    norms = [k.split(".", 1)[1] for k in arrays if k.startswith("robust.")]
+    chunk = Chunk(
+        labels=arrays["labels"], clean_pred=arrays["clean_pred"],
+        robust={n: arrays[f"robust.{n}"] for n in norms},
+        broken_by={n: arrays[f"broken_by.{n}"] for n in norms},
+        minimal={name: arrays[f"minimal.{i}"] for i, name in enumerate(meta["minimal"])},
+        flagged={k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("flagged.")},
+        clean_flagged=arrays.get("clean_flagged"),
+        transfer={name: arrays[f"transfer.{i}"] for i, name in enumerate(meta["transfer"])},
+        counters=meta["counters"], bpda=meta["bpda"], eot=meta["eot"],
+        flagged_by_stage={k.split(".", 1)[1]: v for k, v in arrays.items()
+                          if k.startswith("flagged_by_stage.")})
+    images = {n: arrays[f"images.{n}"] for n in norms}
+    images |= {f"preds.{n}": arrays[f"image_preds.{n}"] for n in norms}
+    images["clean"] = arrays.get("clean_images", np.empty((0,)))
+    return chunk, images
+
+
+def run_audit_chunk(payload: dict[str, Any]) -> dict[str, Any]:
+    """RQ job: the battery on one chunk of an audit's samples."""
+    job = get_current_job()
+    try:
+        try:
+            spec = AuditChunkJob.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidJob(f"invalid job payload: {exc}") from exc
+        started = time.perf_counter()
+        ctx = context()
+        try:
+            card, model = ctx.cache.get(spec.model)
+            surrogates = tuple(ctx.cache.get(ref)[1] for ref in spec.audit.surrogates)
+        except UnknownModelError as exc:
+            raise JobFailure(str(exc), "unknown-model") from exc
+        x_np, y_np = load_inputs(spec, ctx.store, ctx.settings.data_dir)  # type: ignore[arg-type]
+        if spec.inputs.kind == "blob":  # a dataset chunk's InputRef is the chunk's own slice already
+            x_np, y_np = x_np[spec.start:spec.stop], None if y_np is None else y_np[spec.start:spec.stop]
+        x = torch.from_numpy(np.ascontiguousarray(x_np)).to(model.device)
+        batch = ctx.cache.batch_size(card, model)
+        y = (torch.from_numpy(y_np).to(model.device) if y_np is not None
+             else model.predict(x, batch).argmax(1))
+        found = ctx.cache.index.detector(card, spec.team)
+        detector = Detector(found.squeezers, found.threshold) if found is not None else None
+        plan = build_plan(spec.audit, detector, surrogates, batch)
+        generator = torch.Generator(device=model.device).manual_seed(spec.seed + spec.index)
+        total = sum(len(s) * len(plan.grids[n]) for n, s in plan.stages.items()) + len(plan.minimal) + 2
+        done = [0]
+
+        def on_stage(what: str) -> None:
+            _check_cancel(job)
+            done[0] += 1
+            _progress(job, min(done[0] / total, 0.99), stage={"chunk": spec.index, "doing": what})
+            log.info("%s: chunk %d: %s", spec.audit_id, spec.index, what)
+
+        model.reset_counters()
+        result = run_battery(model, x, y, plan, generator=generator, on_stage=on_stage)
+        result.counters["queries"] = float(model.queries)
+        result.counters["gradients"] = float(model.gradients)
+        ctx.store.put(f"audits/{spec.audit_id}/chunk-{spec.index}.npz", _save(result, list(result.minimal)))
+        return {"audit": spec.audit_id, "chunk": spec.index, "n": int(x.shape[0]),
+                "seconds": round(time.perf_counter() - started, 3)}
+    except BaseException as exc:
+        _fail_meta(job, exc)
+        raise
+
+
+# --- merge -----------------------------------------------------------------------------------
+
+
+def run_audit_merge(payload: dict[str, Any]) -> dict[str, Any]:
+    """RQ job: merge the chunks, evaluate the gate, write the report; returns the audit result."""
+    job = get_current_job()
+    try:
+        try:
+            spec = AuditMergeJob.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidJob(f"invalid job payload: {exc}") from exc
+        started = time.perf_counter()
+        ctx = context()
+        card = ctx.cache.resolve(spec.model)
+        if job is not None:
+            chunks_jobs = Job.fetch_many(spec.chunk_ids, connection=job.connection, serializer=job.serializer)
+            failed = [cid for cid, dep in zip(spec.chunk_ids, chunks_jobs, strict=True)
+                      if dep is None or dep.get_status() != "finished"]
+            if failed:
+                raise JobFailure(f"{len(failed)} of {len(spec.chunk_ids)} chunk jobs did not finish "
+                                 f"(first: {failed[0]})", "chunk-failed")
+        chunks, images = [], []
+        for i in range(len(spec.chunk_ids)):
+            chunk, chunk_images = _load(ctx.store.get(f"audits/{spec.audit_id}/chunk-{i}.npz"))
+            chunks.append(chunk)
+            images.append(chunk_images)
+        bounded, minimal = stage_names(spec.audit)
+        found = ctx.cache.index.detector(card, spec.team)
+        detector = None if found is None else {"threshold": found.threshold, "fpr": found.fpr,
+                                               "model": found.model}
+        result = merge(chunks, spec.audit.grids, bounded, minimal, card.classes, detector=detector)
+        result = nan_to_none(result)
+        result.update({"model": card.ref, "suite": spec.audit.suite, "seed": spec.seed,
+                       "settings": spec.audit.model_dump(mode="json", exclude={"attacks"}),
+                       "attacks": bounded, "minimal_attacks": list(minimal)})
+        gate = parse_gate(spec.audit.thresholds)
+        result["gate"] = evaluate_gate(gate, result) if gate else None
+        samples = _report_samples(chunks, images, spec.audit.grids, spec.audit.check_eps, card.bounds)
+        header, rows = worst_case_rows(chunks, spec.audit.grids, bounded)
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        result["artifacts"] = ["report.html", "samples.csv", "audit.json"]
+        ctx.store.put(f"jobs/{spec.audit_id}/samples.csv", csv_bytes(header, rows))
+        ctx.store.put(f"jobs/{spec.audit_id}/audit.json", json.dumps(result, indent=2).encode())
+        ctx.store.put(f"jobs/{spec.audit_id}/report.html",
+                      render_report(result, samples, card.classes).encode())
+        return result
+    except BaseException as exc:
+        _fail_meta(job, exc)
+        raise
+
+
+def _report_samples(chunks: list[Chunk], images: list[dict[str, np.ndarray]], grids: dict[str, list[float]],
+                    check_eps: dict[str, float], bounds: tuple[float, float]) -> ReportSamples | None:
+    """Up to 8 samples broken at the report eps (the first norm's check eps, else its largest),
+    with their worst-case examples, for the image grid."""
+    for norm, grid in grids.items():
+        if norm not in images[0]:
+            continue
+        e = min(range(len(grid)), key=lambda i: abs(grid[i] - check_eps.get(norm, grid[-1])))
+        picks = [(c, i) for c, chunk in enumerate(chunks) for i in range(images[c][norm].shape[1])
+                 if chunk.broken_by[norm][e, i] >= 0][:8]
+        if not picks:
+            picks = [(0, i) for i in range(min(8, images[0][norm].shape[1]))]
+        if not picks:
+            return None
+        return ReportSamples(
+            x=np.stack([images[c]["clean"][i] for c, i in picks]),
+            x_adv=np.stack([images[c][norm][e, i] for c, i in picks]),
+            labels=np.array([chunks[c].labels[i] for c, i in picks]),
+            clean_pred=np.array([chunks[c].clean_pred[i] for c, i in picks]),
+            adv_pred=np.array([images[c][f"preds.{norm}"][e, i] for c, i in picks]),
+            eps_label=f"{norm}:{grid[e]:g}", bounds=bounds)
+    return None
+
+
