@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
-from rq import get_current_job
 from rq.job import Job
 
 from workers.artifacts import csv_bytes
@@ -33,8 +31,8 @@ from workers.audit.gate import evaluate_gate, parse_gate
 from workers.audit.merge import Chunk, merge, nan_to_none, worst_case_rows
 from workers.audit.report import ReportSamples, render_report
 from workers.cache import UnknownModelError
-from workers.errors import InvalidJob, JobFailure
-from workers.jobs import _check_cancel, _fail_meta, _progress, context, kernel_spec, load_inputs
+from workers.errors import JobFailure
+from workers.jobs import _check_cancel, _progress, context, entry, kernel_spec, load_inputs
 from workers.specs import (
     MINIMAL_ATTACKS,
     AuditChunkJob,
@@ -168,49 +166,44 @@ def _load(data: bytes) -> tuple[Chunk, dict[str, np.ndarray]]:
 
 def run_audit_chunk(payload: dict[str, Any]) -> dict[str, Any]:
     """RQ job: the battery on one chunk of an audit's samples."""
-    job = get_current_job()
+    return entry(payload, AuditChunkJob, _audit_chunk)
+
+
+def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    ctx = context()
     try:
-        try:
-            spec = AuditChunkJob.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidJob(f"invalid job payload: {exc}") from exc
-        started = time.perf_counter()
-        ctx = context()
-        try:
-            card, model = ctx.cache.get(spec.model)
-            surrogates = tuple(ctx.cache.get(ref)[1] for ref in spec.audit.surrogates)
-        except UnknownModelError as exc:
-            raise JobFailure(str(exc), "unknown-model") from exc
-        x_np, y_np = load_inputs(spec, ctx.store, ctx.settings.data_dir)  # type: ignore[arg-type]
-        if spec.inputs.kind == "blob":  # a dataset chunk's InputRef is the chunk's own slice already
-            x_np, y_np = x_np[spec.start:spec.stop], None if y_np is None else y_np[spec.start:spec.stop]
-        x = torch.from_numpy(np.ascontiguousarray(x_np)).to(model.device)
-        batch = ctx.cache.batch_size(card, model)
-        y = (torch.from_numpy(y_np).to(model.device) if y_np is not None
-             else model.predict(x, batch).argmax(1))
-        found = ctx.cache.index.detector(card, spec.team)
-        detector = Detector(found.squeezers, found.threshold) if found is not None else None
-        plan = build_plan(spec.audit, detector, surrogates, batch)
-        generator = torch.Generator(device=model.device).manual_seed(spec.seed + spec.index)
-        total = sum(len(s) * len(plan.grids[n]) for n, s in plan.stages.items()) + len(plan.minimal) + 2
-        done = [0]
+        card, model = ctx.cache.get(spec.model)
+        surrogates = tuple(ctx.cache.get(ref)[1] for ref in spec.audit.surrogates)
+    except UnknownModelError as exc:
+        raise JobFailure(str(exc), "unknown-model") from exc
+    x_np, y_np = load_inputs(spec, ctx.store, ctx.settings.data_dir)  # type: ignore[arg-type]
+    if spec.inputs.kind == "blob":  # a dataset chunk's InputRef is the chunk's own slice already
+        x_np, y_np = x_np[spec.start:spec.stop], None if y_np is None else y_np[spec.start:spec.stop]
+    x = torch.from_numpy(np.ascontiguousarray(x_np)).to(model.device)
+    batch = ctx.cache.batch_size(card, model)
+    y = (torch.from_numpy(y_np).to(model.device) if y_np is not None
+         else model.predict(x, batch).argmax(1))
+    found = ctx.cache.index.detector(card, spec.team)
+    detector = Detector(found.squeezers, found.threshold) if found is not None else None
+    plan = build_plan(spec.audit, detector, surrogates, batch)
+    generator = torch.Generator(device=model.device).manual_seed(spec.seed + spec.index)
+    total = sum(len(s) * len(plan.grids[n]) for n, s in plan.stages.items()) + len(plan.minimal) + 2
+    done = [0]
 
-        def on_stage(what: str) -> None:
-            _check_cancel(job)
-            done[0] += 1
-            _progress(job, min(done[0] / total, 0.99), stage={"chunk": spec.index, "doing": what})
-            log.info("%s: chunk %d: %s", spec.audit_id, spec.index, what)
+    def on_stage(what: str) -> None:
+        _check_cancel(job)
+        done[0] += 1
+        _progress(job, min(done[0] / total, 0.99), stage={"chunk": spec.index, "doing": what})
+        log.info("%s: chunk %d: %s", spec.audit_id, spec.index, what)
 
-        model.reset_counters()
-        result = run_battery(model, x, y, plan, generator=generator, on_stage=on_stage)
-        result.counters["queries"] = float(model.queries)
-        result.counters["gradients"] = float(model.gradients)
-        ctx.store.put(f"audits/{spec.audit_id}/chunk-{spec.index}.npz", _save(result, list(result.minimal)))
-        return {"audit": spec.audit_id, "chunk": spec.index, "n": int(x.shape[0]),
-                "seconds": round(time.perf_counter() - started, 3)}
-    except BaseException as exc:
-        _fail_meta(job, exc)
-        raise
+    model.reset_counters()
+    result = run_battery(model, x, y, plan, generator=generator, on_stage=on_stage)
+    result.counters["queries"] = float(model.queries)
+    result.counters["gradients"] = float(model.gradients)
+    ctx.store.put(f"audits/{spec.audit_id}/chunk-{spec.index}.npz", _save(result, list(result.minimal)))
+    return {"audit": spec.audit_id, "chunk": spec.index, "n": int(x.shape[0]),
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 # --- merge -----------------------------------------------------------------------------------
@@ -218,50 +211,45 @@ def run_audit_chunk(payload: dict[str, Any]) -> dict[str, Any]:
 
 def run_audit_merge(payload: dict[str, Any]) -> dict[str, Any]:
     """RQ job: merge the chunks, evaluate the gate, write the report; returns the audit result."""
-    job = get_current_job()
-    try:
-        try:
-            spec = AuditMergeJob.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidJob(f"invalid job payload: {exc}") from exc
-        started = time.perf_counter()
-        ctx = context()
-        card = ctx.cache.resolve(spec.model)
-        if job is not None:
-            chunks_jobs = Job.fetch_many(spec.chunk_ids, connection=job.connection, serializer=job.serializer)
-            failed = [cid for cid, dep in zip(spec.chunk_ids, chunks_jobs, strict=True)
-                      if dep is None or dep.get_status() != "finished"]
-            if failed:
-                raise JobFailure(f"{len(failed)} of {len(spec.chunk_ids)} chunk jobs did not finish "
-                                 f"(first: {failed[0]})", "chunk-failed")
-        chunks, images = [], []
-        for i in range(len(spec.chunk_ids)):
-            chunk, chunk_images = _load(ctx.store.get(f"audits/{spec.audit_id}/chunk-{i}.npz"))
-            chunks.append(chunk)
-            images.append(chunk_images)
-        bounded, minimal = stage_names(spec.audit)
-        found = ctx.cache.index.detector(card, spec.team)
-        detector = None if found is None else {"threshold": found.threshold, "fpr": found.fpr,
-                                               "model": found.model}
-        result = merge(chunks, spec.audit.grids, bounded, minimal, card.classes, detector=detector)
-        result = nan_to_none(result)
-        result.update({"model": card.ref, "suite": spec.audit.suite, "seed": spec.seed,
-                       "settings": spec.audit.model_dump(mode="json", exclude={"attacks"}),
-                       "attacks": bounded, "minimal_attacks": list(minimal)})
-        gate = parse_gate(spec.audit.thresholds)
-        result["gate"] = evaluate_gate(gate, result) if gate else None
-        samples = _report_samples(chunks, images, spec.audit.grids, spec.audit.check_eps, card.bounds)
-        header, rows = worst_case_rows(chunks, spec.audit.grids, bounded)
-        result["seconds"] = round(time.perf_counter() - started, 3)
-        result["artifacts"] = ["report.html", "samples.csv", "audit.json"]
-        ctx.store.put(f"jobs/{spec.audit_id}/samples.csv", csv_bytes(header, rows))
-        ctx.store.put(f"jobs/{spec.audit_id}/audit.json", json.dumps(result, indent=2).encode())
-        ctx.store.put(f"jobs/{spec.audit_id}/report.html",
-                      render_report(result, samples, card.classes).encode())
-        return result
-    except BaseException as exc:
-        _fail_meta(job, exc)
-        raise
+    return entry(payload, AuditMergeJob, _audit_merge)
+
+
+def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    ctx = context()
+    card = ctx.cache.resolve(spec.model)
+    if job is not None:
+        chunks_jobs = Job.fetch_many(spec.chunk_ids, connection=job.connection, serializer=job.serializer)
+        failed = [cid for cid, dep in zip(spec.chunk_ids, chunks_jobs, strict=True)
+                  if dep is None or dep.get_status() != "finished"]
+        if failed:
+            raise JobFailure(f"{len(failed)} of {len(spec.chunk_ids)} chunk jobs did not finish "
+                             f"(first: {failed[0]})", "chunk-failed")
+    chunks, images = [], []
+    for i in range(len(spec.chunk_ids)):
+        chunk, chunk_images = _load(ctx.store.get(f"audits/{spec.audit_id}/chunk-{i}.npz"))
+        chunks.append(chunk)
+        images.append(chunk_images)
+    bounded, minimal = stage_names(spec.audit)
+    found = ctx.cache.index.detector(card, spec.team)
+    detector = None if found is None else {"threshold": found.threshold, "fpr": found.fpr,
+                                           "model": found.model}
+    result = merge(chunks, spec.audit.grids, bounded, minimal, card.classes, detector=detector)
+    result = nan_to_none(result)
+    result.update({"model": card.ref, "suite": spec.audit.suite, "seed": spec.seed,
+                   "settings": spec.audit.model_dump(mode="json", exclude={"attacks"}),
+                   "attacks": bounded, "minimal_attacks": list(minimal)})
+    gate = parse_gate(spec.audit.thresholds)
+    result["gate"] = evaluate_gate(gate, result) if gate else None
+    samples = _report_samples(chunks, images, spec.audit.grids, spec.audit.check_eps, card.bounds)
+    header, rows = worst_case_rows(chunks, spec.audit.grids, bounded)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    result["artifacts"] = ["report.html", "samples.csv", "audit.json"]
+    ctx.store.put(f"jobs/{spec.audit_id}/samples.csv", csv_bytes(header, rows))
+    ctx.store.put(f"jobs/{spec.audit_id}/audit.json", json.dumps(result, indent=2).encode())
+    ctx.store.put(f"jobs/{spec.audit_id}/report.html",
+                  render_report(result, samples, card.classes).encode())
+    return result
 
 
 def _report_samples(chunks: list[Chunk], images: list[dict[str, np.ndarray]], grids: dict[str, list[float]],

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
-from rq import get_current_job
 from rq.job import Job
 from torch import nn
 
@@ -32,8 +30,8 @@ from workers.defenses.compose import build_composite
 from workers.defenses.preprocess import bpda
 from workers.defenses.squeeze import calibrate_threshold, detection_rate, squeeze_scores
 from workers.defenses.training import Progress, TrainSpec, accuracy, soft_labels, train
-from workers.errors import InvalidJob, JobFailure
-from workers.jobs import Context, _check_cancel, _fail_meta, _progress, context, craft
+from workers.errors import JobFailure
+from workers.jobs import Context, _check_cancel, _progress, context, craft, entry
 from workers.specs import (
     NON_DIFFERENTIABLE_STEPS,
     CarliniWagnerL2Params,
@@ -56,17 +54,11 @@ log = logging.getLogger(__name__)
 
 def run_defense(payload: dict[str, Any]) -> dict[str, Any]:
     """RQ job: run one defense and publish its model (or detector); returns a summary."""
-    job = get_current_job()
-    try:
-        try:
-            spec = DefenseJob.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidJob(f"invalid job payload: {exc}") from exc
+    def body(spec: DefenseJob, job: Job | None) -> dict[str, Any]:
         ctx = context()
         return execute_defense(spec, ctx, job, ctx.settings.models_root)
-    except BaseException as exc:
-        _fail_meta(job, exc)
-        raise
+
+    return entry(payload, DefenseJob, body)
 
 
 def execute_defense(spec: DefenseJob, ctx: Context, job: Job | None, root: Path) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from rq import get_current_job
 from rq.job import Job
 from torch import nn
 
@@ -32,7 +31,7 @@ from workers.defense_jobs import _data, _now
 from workers.errors import InvalidJob, JobFailure
 from workers.generators.advgan import AdvGANSpec, Progress, train_advgan
 from workers.generators.registry import network_files
-from workers.jobs import Context, _check_cancel, _fail_meta, _progress, context, craft
+from workers.jobs import Context, _check_cancel, _progress, context, craft, entry
 from workers.scores import evaluate, quantize, summarize
 from workers.specs import AdvGANParams, DatasetInputs, GeneratorJob
 
@@ -44,17 +43,11 @@ TRAIN_SHARE = 0.9  # of the job's progress; the evaluation takes the rest
 
 def run_generator(payload: dict[str, Any]) -> dict[str, Any]:
     """RQ job: train one AdvGAN generator and publish it; returns a summary."""
-    job = get_current_job()
-    try:
-        try:
-            spec = GeneratorJob.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidJob(f"invalid job payload: {exc}") from exc
+    def body(spec: GeneratorJob, job: Job | None) -> dict[str, Any]:
         ctx = context()
         return execute_generator(spec, ctx, job, ctx.settings.generators_root)
-    except BaseException as exc:
-        _fail_meta(job, exc)
-        raise
+
+    return entry(payload, GeneratorJob, body)
 
 
 def hinge_bound(spec: GeneratorJob, card: ModelCard) -> float:

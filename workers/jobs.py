@@ -13,11 +13,11 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rq import get_current_job
 from rq.job import Job
 
@@ -38,6 +38,7 @@ from workers.settings import WorkerSettings
 from workers.specs import MINIMAL_ATTACKS, AdvGANParams, AttackJob, PredictJob
 
 log = logging.getLogger(__name__)
+SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
 @dataclass
@@ -86,6 +87,23 @@ def _fail_meta(job: Job | None, exc: BaseException) -> None:
     else:
         job.meta["error"] = {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}
     job.save_meta()
+
+
+def entry(payload: dict[str, Any], schema: type[SpecT], body: Callable[[SpecT, Job | None], dict[str, Any]]
+          ) -> dict[str, Any]:
+    """What every RQ entry point does around its work: validate the payload again (the queue is a
+    trust boundary too), run ``body``, and store ``{code, message}`` in the job's meta on failure
+    before re-raising so that RQ records it."""
+    job = get_current_job()
+    try:
+        try:
+            spec = schema.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidJob(f"invalid job payload: {exc}") from exc
+        return body(spec, job)
+    except BaseException as exc:
+        _fail_meta(job, exc)
+        raise
 
 
 def _check_cancel(job: Job | None) -> None:

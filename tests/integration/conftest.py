@@ -119,3 +119,14 @@ def submit(client: httpx.Client, body: dict[str, Any]) -> str:
     return str(response.json()["id"])
 
 
+
+
+def wait_for_training(client: httpx.Client, job_id: str, timeout_s: float = 120) -> Any:
+    """Poll until a training job runs and has reported a batch in its ``stage``; the job view."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == "running" and (job.get("stage") or {}).get("batch"):
+            return job
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.3)

@@ -7,7 +7,6 @@ import base64
 import io
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from models.datasets import load_split
-from tests.integration.conftest import start_service, wait
+from tests.integration.conftest import start_service, wait, wait_for_training
 
 QUICK = {"clean_limit": 300, "robust_limit": 64, "steps": 5}
 
@@ -139,13 +138,7 @@ def test_detector_calibration_and_reject(service: httpx.Client) -> None:
 def test_cancel_a_training_job(service: httpx.Client) -> None:
     job_id = defend(service, {"model": "fmnist-cnn", "output": "e2e-canceled", "defense": {
         "name": "pgd-adversarial-training", "epochs": 5, "limit": 20000, "batch_size": 32}})
-    deadline = time.monotonic() + 120
-    while True:  # wait until training reports progress
-        job = service.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] == "running" and (job.get("stage") or {}).get("batch"):
-            break
-        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
-        time.sleep(0.3)
+    job = wait_for_training(service, job_id)
     stage = job["stage"]
     assert stage["phase"] == "train" and stage["epoch"] == 1 and stage["epochs"] == 5
     assert stage["batches"] == 625 and 0 <= stage["accuracy"] <= 1 and stage["loss"] > 0
@@ -163,10 +156,7 @@ def test_a_worker_killed_during_training_leaves_no_model(redis_url: str, tmp_pat
         client = running.client
         job_id = defend(client, {"model": "fmnist-cnn", "output": "e2e-killed", "defense": {
             "name": "pgd-adversarial-training", "epochs": 5, "limit": 20000, "batch_size": 32}})
-        deadline = time.monotonic() + 120
-        while (client.get(f"/v1/jobs/{job_id}").json().get("stage") or {}).get("batch") is None:
-            assert time.monotonic() < deadline, "training never reported progress"
-            time.sleep(0.3)
+        wait_for_training(client, job_id)
         os.kill(running.worker.pid, signal.SIGKILL)
         running.worker.wait(timeout=30)
         job = wait(client, job_id, until=("failed", "succeeded", "canceled"))

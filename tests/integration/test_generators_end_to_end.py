@@ -5,14 +5,13 @@ success rates mean nothing here, only that every number is produced, bounded and
 from __future__ import annotations
 
 import io
-import time
 from typing import Any
 
 import httpx
 import numpy as np
 
 from models.datasets import load_split
-from tests.integration.conftest import submit, wait
+from tests.integration.conftest import submit, wait, wait_for_training
 
 TINY = {"epochs": 1, "limit": 256, "batch_size": 64, "eps": 0.2, "seed": 0,
         "evaluation": {"dataset": "fashion-mnist:test", "offset": 0, "limit": 64}}
@@ -91,13 +90,7 @@ def test_cancel_training_and_an_attack_whose_generator_was_deleted(service: http
         "model": "fmnist-cnn", "output": "e2e-canceled", "epochs": 5, "limit": 20000, "batch_size": 32})
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    deadline = time.monotonic() + 120
-    while True:  # wait until training reports progress
-        job = service.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] == "running" and (job.get("stage") or {}).get("batch"):
-            break
-        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
-        time.sleep(0.3)
+    job = wait_for_training(service, job_id)
     stage = job["stage"]
     assert stage["phase"] == "train" and stage["epoch"] == 1 and stage["epochs"] == 5
     assert stage["batches"] == 625 and stage["batch"] >= 10
