@@ -47,7 +47,9 @@ bench: install data $(BENCH_STAMP)
 	$(BIN)/python -m bench.jsma
 	$(BIN)/python -m bench.blackbox --hsj-n 64 --peer-n 32
 	set -e; for m in $(BENCH_MODULES); do ADVERSA_BENCH_MODEL=fmnist-resnet18 \
-		$(BIN)/python -m bench.$$m --n $(RESNET_N) --peer-n 8 --repeats 1; done
+		$(BIN)/python -m bench.$$m --n $(RESNET_N) --peer-n 8 --repeats 1 \
+		$$( [ $$m = blackbox ] && echo --hsj-n 8 ); done
+	$(BIN)/python -m bench.summary
 
 install: $(STAMP)
 

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ REPEATS = 3
 
 APGD_SPEC = APGDSpec(eps=EPS, norm="linf", steps=APGD_STEPS, restarts=RESTARTS, loss="ce")
 APGDT_SPEC = APGDSpec(eps=EPS, norm="linf", steps=APGD_STEPS, restarts=RESTARTS, n_target_classes=N_TARGETS)
+NO_EARLY_STOP = "(no early stop)"
 MI_SPEC = MIFGSMSpec(eps=EPS, norm="linf", steps=MI_STEPS, decay=MI_DECAY)
 
 
@@ -156,6 +157,9 @@ def all_runs(bench: Bench, skip_peers: bool, peer_n: int) -> tuple[list[Run], di
         ("APGD-CE", apgd, APGD_SPEC, APGD_STEPS * RESTARTS),
         ("APGD-T", apgd_t, APGDT_SPEC, APGD_STEPS * RESTARTS * N_TARGETS),
         ("MI-FGSM", mi_fgsm, MI_SPEC, MI_STEPS),
+        # Every sample runs every step: the cost ratio is then the kernel's own overhead per step.
+        (f"APGD-CE {NO_EARLY_STOP}", apgd, replace(APGD_SPEC, early_stop=False), APGD_STEPS * RESTARTS),
+        (f"MI-FGSM {NO_EARLY_STOP}", mi_fgsm, replace(MI_SPEC, early_stop=False), MI_STEPS),
     ):
         run, spent = run_adversa(bench, attack, kernel, spec, nominal)
         queries[len(runs)] = spent
@@ -219,7 +223,9 @@ def notes(bench: Bench, rows: list[Row]) -> list[str]:
         f"Nominal steps: {APGD_STEPS * RESTARTS} for APGD-CE, {APGD_STEPS * RESTARTS * N_TARGETS} for APGD-T "
         f"({N_TARGETS} targets x {APGD_STEPS}), {MI_STEPS} for MI-FGSM. Adversa stops each sample at its first "
         "success, so it can fall well below 1; torchattacks' APGD-T and ART's APGD also skip samples already "
-        "fooled between target classes / restarts.",
+        "fooled between target classes / restarts. The '(no early stop)' rows run every step on every "
+        "sample (early_stop=False): their ratio is the kernel's own overhead over bare forward+backward "
+        "passes, with nothing saved by stopping.",
         "cost ratio (adversa) = attack seconds / ((sum of per-sample gradient calls / chunk) x t_fb): the "
         "price of each gradient actually spent, against a bare forward+backward (the attack's own overhead); "
         "for peers the column repeats the full-budget ratio, as in bench.attacks. Adversa queries/img counts "

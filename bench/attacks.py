@@ -106,6 +106,7 @@ class Bench:
     t_fb: float  # median seconds of one forward+backward of a chunk (the lower of the measurements)
     repeats: int
     t_fb_measured: tuple[float, ...] = ()  # t_fb measured before and after the attack runs
+    t_deepfool_floor: float | None = None  # seconds of DeepFool's first iteration on one chunk
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -203,6 +204,36 @@ def run_adversa(bench: Bench, attack: str, kernel: Kernel, spec: Any, nominal: i
     return Run("adversa", attack, f"chunks of {bench.chunk}", x_adv, seconds, others, gradients, nominal)
 
 
+def deepfool_floor(bench: Bench, reps: int = FB_REPS) -> float:
+    """Median seconds of DeepFool's first iteration alone on one chunk, done as cheaply as autograd
+    allows: one forward pass and one backward pass per other class (9), through one graph. Every
+    exact DeepFool over all 10 classes pays at least this per chunk, whoever implements it."""
+    x = bench.x[:bench.chunk]
+    k = bench.model.num_classes
+
+    def once() -> float:
+        start = time.perf_counter()
+        logits, vjp = bench.model.linearize(x)
+        for c in range(1, k):
+            cot = torch.zeros_like(logits)
+            cot[:, c] = 1.0
+            cot[:, 0] -= 1.0
+            vjp(cot, c == k - 1)
+        return time.perf_counter() - start
+
+    for _ in range(2):
+        once()
+    return statistics.median(once() for _ in range(reps))
+
+
+def same_images(run: Run, m: int) -> Run:
+    """Adversa's row restricted to the first ``m`` images (the slow peers' subset), seconds pro rata."""
+    n = len(run.x_adv)
+    gradients = run.gradients[:m] if run.gradients is not None else None
+    return replace(run, x_adv=run.x_adv[:m], seconds=run.seconds * m / n, gradients=gradients,
+                   note=f"first {m} images of the {n}-image run above (the peers' images), seconds pro rata")
+
+
 def run_torchattacks(bench: Bench, attack: str, make: Callable[[nn.Module], AttackFn], m: int,
                      chunked: bool, nominal: int | None, note: str = "",
                      implementation: str = "torchattacks", module: nn.Module | None = None) -> Run:
@@ -279,14 +310,18 @@ def peer_runs(bench: Bench, peers: list[str], peer_n: int) -> list[Run]:
     return runs
 
 
-def all_runs(bench: Bench, skip_torchattacks: bool) -> list[Run]:
+def all_runs(bench: Bench, skip_torchattacks: bool, peer_n: int) -> list[Run]:
     pgd_spec = PGDSpec(eps=EPS, norm="linf", steps=PGD_STEPS, step_size=PGD_ALPHA, random_start=True)
     df_spec = DeepFoolSpec(norm="l2", overshoot=DF_OVERSHOOT, max_iter=DF_STEPS, candidates=10)
     runs = [
         run_adversa(bench, "FGSM", fgsm, FGSMSpec(eps=EPS, check=False), 1),
         run_adversa(bench, "PGD", pgd, pgd_spec, PGD_STEPS),
+        # Every sample runs every step: the cost ratio is then the kernel's own overhead per step.
+        run_adversa(bench, "PGD (no early stop)", pgd, replace(pgd_spec, early_stop=False), PGD_STEPS),
         run_adversa(bench, "DeepFool", deepfool, df_spec, None),
     ]
+    if peer_n < len(bench.x):
+        runs.append(same_images(runs[-1], peer_n))
     if skip_torchattacks:
         return runs
     for attack, (make, nominal) in torchattacks_makers().items():
@@ -385,18 +420,32 @@ def notes(bench: Bench, rows: list[Row]) -> list[str]:
         "measured before and after the attack runs ("
         + ", ".join(f"{t * 1e3:.2f}" for t in bench.t_fb_measured) + " ms).",
         "cost ratio (adversa) = attack seconds / ((sum of per-sample gradient calls / chunk) x t_fb). "
-        "For DeepFool the 9 candidate-class VJPs of one iteration share one forward pass, so each counts "
-        "as a gradient call here and the ideal time is overstated (the ratio is flattering).",
+        "For DeepFool the candidate-class backward passes of one iteration share one forward pass, so "
+        "each counts as a gradient call here and the ideal time is overstated (the ratio is flattering).",
         f"full-budget ratio = attack seconds / (nominal steps x n / chunk x t_fb), nominal steps 1 for "
         f"FGSM and {PGD_STEPS} for PGD, as the issue defines it. Adversa's PGD stops early per sample, so "
-        "it spends fewer gradient steps than the nominal budget; its full-budget ratio can fall below 1.",
+        "it spends fewer gradient steps than the nominal budget; its full-budget ratio can fall below 1. "
+        "'PGD (no early stop)' runs all steps on every sample: its ratio is the kernel's own overhead.",
         "torchattacks DeepFool has no cost ratio: it loops over images and over classes (one backward "
         "per class per image per iteration), with no fixed number of gradient steps to compare against.",
         f"eps = {EPS} (Linf) for FGSM and PGD (alpha {PGD_ALPHA}, {PGD_STEPS} steps, random start); "
-        f"DeepFool L2, overshoot {DF_OVERSHOOT}, at most {DF_STEPS} iterations, all classes as candidates. "
+        f"DeepFool L2, overshoot {DF_OVERSHOOT}, at most {DF_STEPS} iterations, all classes as candidates "
+        "(adversa: its defaults, a first step damped to 0.6, then full steps following the nearest boundary). "
         f"Random starts: adversa from torch.Generator().manual_seed({SEED}); torchattacks after "
         f"torch.manual_seed({SEED}).",
     ]
+    if bench.t_deepfool_floor is not None:
+        batch = min(bench.chunk, len(bench.x))
+        ceiling = batch / bench.t_deepfool_floor
+        line = (f"DeepFool floor: the first iteration alone (one forward, 9 class backward passes through "
+                f"its graph, {batch} images) takes {bench.t_deepfool_floor * 1e3:.1f} ms, so no exact "
+                f"10-class DeepFool can exceed {ceiling:.0f} images/s on this machine")
+        peers = [r for r in rows
+                 if r.attack == "DeepFool" and r.implementation in ("art", "foolbox", "torchattacks")]
+        if peers:
+            line += "; that ceiling is " + ", ".join(
+                f"{ceiling / r.images_per_s:.1f}x {r.implementation} ({r.batching})" for r in peers)
+        out.append(line + ".")
     out += [f"* {r.implementation} {r.attack} ({r.batching}): {r.note}." for r in rows if r.note]
     bad = [r for r in rows if r.out_of_bounds or r.non_finite]
     out.append("Out-of-bounds or non-finite outputs: " + (
@@ -411,6 +460,7 @@ def metadata(bench: Bench, args: argparse.Namespace, wall: float) -> dict[str, A
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "n": len(bench.x), "chunk": bench.chunk, "clean_accuracy": float(bench.correct.float().mean()),
         "t_fb_seconds": bench.t_fb, "t_fb_measured": list(bench.t_fb_measured), "fb_reps": FB_REPS,
+        "t_deepfool_floor_seconds": bench.t_deepfool_floor,
         "wall_seconds": wall,
         "skip_torchattacks": args.skip_torchattacks, "repeats": bench.repeats,
         "cpu_count": os.cpu_count(),
@@ -457,7 +507,8 @@ def main(argv: list[str] | None = None) -> None:
     MODEL = args.model
     start = time.perf_counter()
     bench = load(args.n, args.chunk, FB_REPS, args.repeats)
-    runs = all_runs(bench, args.skip_torchattacks)
+    runs = all_runs(bench, args.skip_torchattacks, args.peer_n)
+    bench = replace(bench, t_deepfool_floor=deepfool_floor(bench))
     runs += peer_runs(bench, [p for p in args.peers.split(",") if p], args.peer_n)
     bench = remeasure(bench)
     rows = [score(bench, run) for run in runs]

@@ -271,7 +271,18 @@ def cw_notes(rows: dict[str, PeerRow]) -> list[str]:
         "samples whose loss rose between two checks stop. With 100 iterations such a rise is often Adam "
         "overshooting right after crossing the boundary, so a stopped sample can keep a larger L2 than 100 "
         "full steps would reach: that is the price of the speed. torchattacks applies its check to the "
-        "loss summed over the whole batch, which almost never rises, so it runs all steps.",
+        "loss summed over the whole batch, which almost never rises, so it runs all steps. Why (A) cannot "
+        "be 2x faster at the same L2: torchattacks is batched too and does one forward+backward per Adam "
+        "step, as Adversa does, and at c = 1 with lr 0.01 the steps are needed: on the first 128 images, "
+        "success is 50% after 20 steps, 85% after 50 and 97% after 100, and the samples already fooled "
+        "at step 40 still end 31% closer at step 100 (median ratio of their L2, measured with max_iter "
+        "40 and 100 on the same images). Any rule that stops them early pays in L2.",
+        "(B) rules of Adversa's kernel (defaults): per-sample early abort (the authors' rule), the hopeless "
+        "rule (a search step that has not reached the goal stops when twice its margin's recent trend "
+        "cannot reach it by the last iteration: a failing step only tells the search to raise c) and a "
+        "warm start of every search step from the best example so far. On the first 128 images: "
+        "without the last two, median L2 0.745 with 708 gradient calls per image (Foolbox: 0.745); "
+        "with both, 0.725 with 527.",
         "Why (B) differs from ART: ART minimises the same objective by gradient descent with a line search "
         "(halving/doubling the step per sample) instead of Adam, doubles c (not x10) until the first success, "
         "and runs every iteration for every sample (no early abort); its per-iteration cost is two class "

@@ -67,21 +67,42 @@ class Classifier:
         self.gradients += x.shape[0]
         return logits.detach(), grad.detach()
 
+    def linearize(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor, bool], torch.Tensor]]:
+        """Logits at ``x`` ``(N, K)`` and ``vjp(cotangent, last)``: the gradient of
+        ``sum_n <cotangent[n], logits[n]>`` with respect to ``x``, one backward pass through the
+        graph of this single forward pass (kept until a call with ``last=True``).
+
+        The caller sees the logits before it decides which gradients it needs (DeepFool: none
+        for the samples already fooled), and each gradient costs a backward pass only. A loop of
+        backward passes is about twice as fast on CPU as one vmapped batched backward
+        (``is_grads_batched``), measured on fmnist-cnn.
+        """
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.module(xg)
+        self.queries += x.shape[0]
+
+        def vjp(cotangent: torch.Tensor, last: bool) -> torch.Tensor:
+            (grad,) = torch.autograd.grad(logits, xg, grad_outputs=cotangent, retain_graph=not last)
+            self.gradients += x.shape[0]
+            return grad.detach()
+
+        return logits.detach(), vjp
+
     def vjp_batch(
         self, x: torch.Tensor, cotangents: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at ``x`` ``(N, K)`` and one gradient per cotangent: ``(C, N, *x.shape[1:])``.
 
         ``cotangents`` has shape ``(C, N, K)``; row ``c`` gives the gradient of
-        ``sum_n <cotangents[c, n], logits[n]>``. One forward pass, the C backward passes batched
-        (vmap), so DeepFool gets all candidate-class gradients without a Python loop over classes.
+        ``sum_n <cotangents[c, n], logits[n]>``: one forward pass, then C backward passes
+        through its graph (see ``linearize``).
         """
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self.module(x)
-            (grads,) = torch.autograd.grad(
-                logits, x, grad_outputs=cotangents, is_grads_batched=True
-            )
-        self.queries += x.shape[0]
-        self.gradients += x.shape[0] * cotangents.shape[0]
-        return logits.detach(), grads.detach()
+        logits, vjp = self.linearize(x)
+        count = cotangents.shape[0]
+        if count == 0:
+            return logits, x.new_zeros((0, *x.shape))
+        grads = torch.stack([vjp(cotangents[c], c == count - 1) for c in range(count)])
+        return logits, grads

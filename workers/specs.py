@@ -80,11 +80,14 @@ class DeepFoolParams(Strict):
     max_iter: int = Field(default=50, ge=1, le=MAX_STEPS)
     candidates: int = Field(default=10, ge=2, description="classes considered, the true one included")
     refine_candidates: int | None = Field(
-        default=2, ge=1, description="after the first iteration, follow only this many nearest "
+        default=1, ge=1, description="after the first iteration, follow only this many nearest "
                                      "boundaries (null: all candidates every iteration)")
+    first_step_scale: float = Field(
+        default=0.6, gt=0, le=1, description="fraction of the first linearised step taken (made "
+                                             "farthest from the boundary, so damped by default)")
     step_scale: float = Field(
-        default=0.8, gt=0, le=1, description="fraction of each linearised step taken: below 1, "
-                                             "smaller perturbations for more iterations")
+        default=1.0, gt=0, le=1, description="fraction of every later linearised step taken: below "
+                                             "1, smaller perturbations for more iterations")
 
 
 class MIFGSMParams(Targeting):
@@ -109,7 +112,12 @@ class CarliniWagnerL2Params(Targeting):
     learning_rate: float = Field(default=0.01, gt=0, le=10)
     initial_const: float = Field(default=0.01, gt=0, le=1e6)
     confidence: float = Field(default=0.0, ge=0, le=1e4, description="margin kappa on the logits")
-    abort_early: bool = True
+    abort_early: bool = Field(default=True, description="per sample: stop a search step whose loss "
+                                                        "no longer falls (the authors' rule)")
+    abort_hopeless: bool = Field(default=True, description="with abort_early: also stop a search step "
+                                                           "whose margin trend cannot reach the goal")
+    warm_start: bool = Field(default=True, description="start each search step from the best "
+                                                       "adversarial example so far")
 
 
 class JSMAParams(Targeting):

@@ -38,7 +38,8 @@ def test_deepfool_finds_the_analytic_distance_on_a_linear_model(overshoot: float
     model = linear_model()
     x = torch.randn(64, 1, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = model.logits(x).argmax(1)
-    out = deepfool(model, x, y, DeepFoolSpec(norm="l2", overshoot=overshoot, candidates=5, step_scale=1.0))
+    spec = DeepFoolSpec(norm="l2", overshoot=overshoot, candidates=5, first_step_scale=1.0)
+    out = deepfool(model, x, y, spec)
     found = flat_norm(out.x_adv - x, "l2") / (1 + overshoot)
     expected = analytic_l2_distance(model, x)
     assert torch.allclose(found, expected, rtol=0.01)
@@ -50,8 +51,8 @@ def test_deepfool_finds_the_analytic_distance_on_a_linear_model(overshoot: float
 
 
 def test_damped_deepfool_converges_to_the_analytic_distance() -> None:
-    # step_scale 0.8 approaches the boundary geometrically and stops as soon as the overshot point
-    # is past it: the perturbation is at least the minimal distance and at most 2% above it.
+    # A damped first step (0.6) and full steps after it: on a linear model the second step lands on
+    # the boundary, so the perturbation is at least the minimal distance and at most 2% above it.
     model = linear_model()
     x = torch.randn(64, 1, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = model.logits(x).argmax(1)
@@ -60,13 +61,15 @@ def test_damped_deepfool_converges_to_the_analytic_distance() -> None:
     assert out.success.all()
     assert (found >= expected * (1 - 1e-9)).all()
     assert (found <= expected * 1.02 + 1e-9).all()
+    # Two iterations: every candidate's gradient at the first, the nearest one's at the second.
+    assert int(out.gradients.max()) <= 4 + 1
 
 
 def test_deepfool_linf_finds_the_analytic_distance_on_a_linear_model() -> None:
     model = linear_model()
     x = torch.randn(32, 1, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y = model.logits(x).argmax(1)
-    out = deepfool(model, x, y, DeepFoolSpec(norm="linf", overshoot=0.0, candidates=5, step_scale=1.0))
+    out = deepfool(model, x, y, DeepFoolSpec(norm="linf", overshoot=0.0, candidates=5, first_step_scale=1.0))
     layer = model.module[1]
     logits = x.flatten(1) @ layer.weight.T + layer.bias
     gaps = (logits - logits.gather(1, y[:, None])).abs()

@@ -15,7 +15,15 @@ What differs from a per-image reference loop, and why:
   are elementwise tensors of the batch, so a sample's trajectory never depends on the others;
 * early abort is per sample: every ``ceil(max_iter / 10)`` iterations a sample whose loss has not
   fallen by at least 1e-4 (relative) since the previous check leaves the working set, so the
-  remaining iterations are spent only on samples still making progress;
+  remaining iterations are spent only on samples still making progress; from the second check on,
+  a sample that has not reached the goal in this search step also leaves when twice the linear
+  trend of its margin over the last check interval would still not reach ``-kappa`` by the last
+  iteration (``abort_hopeless``: a search step that cannot succeed only tells the search to raise
+  ``c``, and it learns that sooner);
+* warm start (``warm_start``): a search step starts from the sample's best adversarial example so
+  far (Adam's moments reset), not from ``x``: a smaller ``c`` then only has to pull the point back
+  towards ``x`` along the boundary. Measured on 128 fmnist-cnn test images at 9 x 100 from
+  c = 0.01: median L2 0.745 -> 0.725 with 708 -> 527 gradient calls per image (both rules on);
 * the best (smallest L2) adversarial example is judged on the iterate that was forwarded, with the
   ``kappa`` margin, and kept across all search steps; at the end one forward pass re-judges the
   returned tensor, so ``success`` always describes what is returned;
@@ -32,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.attacks.base import AttackOutput, check_batch, counters, flat_norm, goal_reached
+from workers.attacks.base import AttackOutput, check_batch, counters, flat_norm, goal_reached, per_sample
 from workers.classifier import Classifier
 
 # arctanh(+-1) is infinite: the clean input is mapped to tanh space through this factor
@@ -46,7 +54,8 @@ ABORT_TOLERANCE = 1e-4  # relative decrease of the loss that counts as progress
 @dataclass(frozen=True)
 class CarliniWagnerL2Spec:
     """``learning_rate`` is Adam's step in tanh space; ``initial_const`` the starting ``c`` (ART's
-    default 1e-2); ``confidence`` is ``kappa``, a logit margin."""
+    default 1e-2); ``confidence`` is ``kappa``, a logit margin. ``abort_hopeless`` acts only with
+    ``abort_early``; ``warm_start`` starts each search step from the best example so far."""
 
     binary_search_steps: int = 9
     max_iter: int = 100
@@ -54,6 +63,8 @@ class CarliniWagnerL2Spec:
     initial_const: float = 1e-2
     confidence: float = 0.0
     abort_early: bool = True
+    abort_hopeless: bool = True
+    warm_start: bool = True
     targeted: bool = False
 
 
@@ -133,8 +144,14 @@ def carlini_wagner_l2(
         x0, g0, c = x[idx], goal[idx], const[idx]
         w = w_clean[idx].clone()
         tanh_clean = torch.tanh(w)
+        if spec.warm_start:
+            have = torch.isfinite(best_l2[idx])
+            if bool(have.any()):
+                start = (tanh_clean + (x_best[idx] - x0) / half).clamp(-TANH_SMOOTHER, TANH_SMOOTHER)
+                w = torch.where(per_sample(have, w), torch.atanh(start), w)
         m, v = torch.zeros_like(w), torch.zeros_like(w)
         loss_at_check = torch.full_like(c, float("inf"))
+        margin_at_check = torch.full_like(c, float("inf"))
 
         for it in range(spec.max_iter):
             tanh_w = torch.tanh(w)
@@ -167,11 +184,16 @@ def carlini_wagner_l2(
                 # (check_every iterations ago) means this sample stops for this search step.
                 progress = loss <= loss_at_check - ABORT_TOLERANCE * loss_at_check.abs()
                 keep = torch.isinf(loss_at_check) | progress
-                loss_at_check = loss
+                if spec.abort_hopeless and it >= 2 * check_every:
+                    drop_per_iter = (margin_at_check - margin) / check_every
+                    reachable = margin - 2 * drop_per_iter * (spec.max_iter - 1 - it) <= -kappa
+                    keep = keep & (found[idx] | reachable)
+                loss_at_check, margin_at_check = loss, margin
                 if not bool(keep.all()):
                     idx, x0, g0, c = idx[keep], x0[keep], g0[keep], c[keep]
                     w, m, v, tanh_w, tanh_clean = w[keep], m[keep], v[keep], tanh_w[keep], tanh_clean[keep]
-                    delta, grad_f, loss_at_check = delta[keep], grad_f[keep], loss_at_check[keep]
+                    delta, grad_f = delta[keep], grad_f[keep]
+                    loss_at_check, margin_at_check = loss_at_check[keep], margin_at_check[keep]
                     if idx.numel() == 0:
                         break
 

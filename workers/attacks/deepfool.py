@@ -8,8 +8,10 @@ classes of the clean logits): for L2, ``r = |f_k| / ||w_k||_2^2 * w_k``; for Lin
 and ``w_k`` its gradient.
 
 What differs from the per-image reference loop, and why:
-* one forward pass per iteration for the whole active batch, then one batched backward pass per
-  candidate class through the same graph: no loop over images;
+* one forward pass per iteration for the whole active batch, which both judges the iterate and
+  keeps the graph for one backward pass per followed class (only the nearest boundary after the
+  first iteration): no loop over images, no second forward to check success;
+* a damped first step (``first_step_scale``), full steps after it (see ``DeepFoolSpec``);
 * the overshoot multiplies the *total* perturbation, every iterate is clipped to the input
   bounds, and success is judged on that clipped point, so a returned sample really is on the
   other side of the boundary instead of on it;
@@ -35,18 +37,23 @@ class DeepFoolSpec:
     """``overshoot`` scales the total perturbation by ``1 + overshoot``; ``candidates`` counts the
     original class too (10 = all classes of Fashion-MNIST). After the first iteration only the
     ``refine_candidates`` classes whose linearised boundary was nearest are followed (None: all
-    candidates every iteration, as in the paper). ``step_scale`` < 1 takes that fraction of each
-    linearised step: more iterations, a path that hugs the curved boundary, smaller perturbations.
-    Measured on fmnist-cnn (128 test images): 1.0 gives a median L2 5.5% above Foolbox's DeepFool
-    with 11.7 gradient calls per image; 0.8 gives 0.6% above it with 23.3 (the default: the
-    minimal-perturbation statistics are what this attack is for)."""
+    candidates every iteration, as in the paper).
+
+    ``first_step_scale`` takes that fraction of the first linearised step, ``step_scale`` of every
+    later one. The first linearisation is made farthest from the boundary, where curvature makes
+    its direction least accurate; damping it lets the second linearisation, made close to the
+    boundary, choose where to cross. Measured on fmnist-cnn (the same 128 test images, Foolbox's
+    L2 DeepFool at median L2 0.635): full steps everywhere give median L2 0.670 with 11.7 gradient
+    calls per image; every step at 0.8 gives 0.639 with 22.7; the first at 0.6 and the rest full
+    give 0.616 with 10.5 (the default)."""
 
     norm: Norm = "l2"
     overshoot: float = 0.02
     max_iter: int = 50
     candidates: int = 10
-    refine_candidates: int | None = 2
-    step_scale: float = 0.8
+    refine_candidates: int | None = 1
+    first_step_scale: float = 0.6
+    step_scale: float = 1.0
 
 
 def deepfool(
@@ -83,52 +90,57 @@ def deepfool(
     k = max(2, min(spec.candidates, n_classes))
     queries, gradients = counters(x)
 
-    logits0 = model.logits(x)
-    queries += 1
-    # Candidate classes: the top-k of the clean logits, the true class removed (k - 1 per sample).
-    order = logits0.argsort(dim=1, descending=True)
-    not_true = order != y[:, None]
-    ranked = order[not_true].view(x.shape[0], n_classes - 1)
-    candidates = ranked[:, : k - 1].clone()
-
     r_total = torch.zeros_like(x)
     x_adv = x.clone()
-    success = logits0.argmax(dim=1) != y
-    idx = (~success).nonzero().squeeze(1)
+    success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    idx = torch.arange(x.shape[0], device=x.device)
     scale = 1.0 + spec.overshoot
-    logits_cur = logits0[idx]
     followed = k - 1  # candidate classes followed this iteration
+    candidates = torch.empty(0, dtype=torch.long, device=x.device)
 
     for iteration in range(spec.max_iter + 1):
         if idx.numel() == 0:
             break
         y_act = y[idx]
-        x_cur = (x[idx] + scale * r_total[idx]).clamp(lo, hi)
+        x_cur = (x[idx] + scale * r_total[idx]).clamp(lo, hi) if iteration > 0 else x
+        last = iteration == spec.max_iter
+        # One forward pass per iteration: it judges the iterate and its graph gives the gradients.
+        if last:
+            logits = model.logits(x_cur)
+        else:
+            logits, vjp = model.linearize(x_cur)
+        queries[idx] += 1
+        if iteration == 0:
+            # Candidate classes: the top-k of the clean logits, the true class removed (k - 1 each).
+            order = logits.argsort(dim=1, descending=True)
+            ranked = order[order != y[:, None]].view(x.shape[0], n_classes - 1)
+            candidates = ranked[:, : k - 1].clone()
+        fooled = logits.argmax(dim=1) != y_act
         if iteration > 0:
-            # A cheap forward first: samples fooled now need no gradients at all.
-            logits_cur = model.logits(x_cur)
-            queries[idx] += 1
-        fooled = logits_cur.argmax(dim=1) != y_act
-        x_adv[idx[fooled]] = x_cur[fooled]
-        success[idx[fooled]] = True
+            x_adv[idx[fooled]] = x_cur[fooled]
+        success[idx[fooled]] = True  # at iteration 0: misclassified to begin with, left unchanged
         keep = ~fooled
-        if iteration == spec.max_iter:
+        if last:
             x_adv[idx[keep]] = x_cur[keep]
             break
-        idx, y_act, x_cur = idx[keep], y_act[keep], x_cur[keep]
-        n_act = idx.numel()
+        rows = keep.nonzero().squeeze(1)
+        n_act = rows.numel()
         if n_act == 0:
             break
+        idx, y_act, x_cur = idx[rows], y_act[rows], x_cur[rows]
         cand = candidates[idx, :followed]
-        # cotangents[c, i] = e_{cand[i, c]} - e_{y[i]}: gradients of the logit differences.
-        rows = torch.arange(followed, device=x.device)
-        samples = torch.arange(n_act, device=x.device)
-        cot = torch.zeros(followed, n_act, n_classes, device=x.device, dtype=x.dtype)
-        cot[rows[:, None], samples[None, :], cand.T] = 1.0
-        cot[rows[:, None], samples[None, :], y_act[None, :].expand(followed, n_act)] = -1.0
-        logits, w = model.vjp_batch(x_cur, cot)
-        queries[idx] += 1
+        # Gradients of the logit differences Z_cand - Z_y, one backward pass per followed class;
+        # the rows of samples fooled by this iterate get a zero cotangent.
+        w_list = []
+        for c in range(followed):
+            cot = torch.zeros_like(logits)
+            cot[rows, cand[:, c]] = 1.0
+            cot[rows, y_act] = -1.0
+            w_list.append(vjp(cot, c == followed - 1)[rows])
+        w = torch.stack(w_list)  # (c, n, C, H, W)
         gradients[idx] += followed
+        logits = logits[rows]
+        samples = torch.arange(n_act, device=x.device)
         # Coordinates pinned at a bound cannot move further out: leave them out of the
         # linearisation, so the step is spent where it can act.
         w = w.masked_fill(((x_cur <= lo) & (w < 0)) | ((x_cur >= hi) & (w > 0)), 0.0)
@@ -154,8 +166,9 @@ def deepfool(
             step = w_best.sign() * per_sample((f_best + 1e-5) / (norm_best + TINY), w_best)
         # Keep x + (1 + overshoot) * r_total inside the bounds, so that clipped components do
         # not pile up in r_total.
+        fraction = spec.first_step_scale if iteration == 0 else spec.step_scale
         x_act = x[idx]
-        r_total[idx] = torch.minimum(torch.maximum(r_total[idx] + spec.step_scale * step, (lo - x_act) / scale),
+        r_total[idx] = torch.minimum(torch.maximum(r_total[idx] + fraction * step, (lo - x_act) / scale),
                                      (hi - x_act) / scale)
 
     return AttackOutput(x_adv, success, queries, gradients)

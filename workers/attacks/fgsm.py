@@ -69,8 +69,12 @@ def fgsm(
     goal = targets if spec.targeted and targets is not None else y
     logits, grad = model.value_and_grad(x, lambda out: ce_loss(out, goal))
     sign = -1.0 if spec.targeted else 1.0
-    x_adv = project(x + sign * spec.eps * steepest_direction(grad, spec.norm), x, spec.eps,
-                    spec.norm, model.bounds)
+    if spec.norm == "linf":
+        # A sign step of eps stays in the Linf ball by construction: only the box clips it.
+        x_adv = x.add(grad.sign(), alpha=sign * spec.eps).clamp_(*model.bounds)
+    else:
+        x_adv = project(x + sign * spec.eps * steepest_direction(grad, spec.norm), x, spec.eps,
+                        spec.norm, model.bounds)
     # Inputs misclassified to start with are returned unchanged (a step could make them right).
     already = logits.argmax(dim=1) != y
     x_adv = torch.where(per_sample(already, x_adv), x, x_adv)

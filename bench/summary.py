@@ -1,0 +1,191 @@
+"""The issue's targets, judged from the benchmark results: one table per hosted model.
+
+    .venv/bin/python -m bench.summary [--results bench/results]
+
+Reads the JSON files that ``bench.attacks``, ``bench.apgd``, ``bench.cw``, ``bench.jsma`` and
+``bench.blackbox`` wrote (the last step of ``make bench``) and writes ``summary.md`` beside them.
+Nothing is re-measured here: every figure comes from a row of those files, measured in one run.
+
+Targets (speed-up = Adversa's images/s over the peer's, same attack and settings):
+FGSM, PGD, APGD-CE, APGD-T, Square >= 1x; DeepFool >= 20x with >= 99% success; C&W >= 2x. Quality:
+success at least the peer's; DeepFool and C&W median L2 at most 5% above the peer's, on the same
+images. Cost ratio (time / (nominal gradient steps x one forward+backward)) <= 1.15 for PGD, APGD
+and MI-FGSM. Rows without a target (MI-FGSM, JSMA and HopSkipJump speed, the per-image DeepFool
+baseline) are listed for information.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPEED_TARGETS = {"FGSM": 1.0, "PGD": 1.0, "APGD-CE": 1.0, "APGD-T": 1.0, "Square": 1.0,
+                 "DeepFool": 20.0, "C&W": 2.0}
+MINIMAL = {"DeepFool", "C&W"}  # minimal-perturbation attacks: median L2 within 5% of the peer's
+L2_SLACK = 1.05
+MIN_DEEPFOOL_SUCCESS = 0.99
+COST_RATIO_LIMIT = 1.15
+COST_RATIO_ATTACKS = {"PGD", "APGD-CE", "APGD-T", "MI-FGSM"}
+OURS = "adversa"
+BASELINE = "reference"
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Adversa against one peer row: ``speed`` from Adversa's full run, ``quality`` on the peer's images."""
+
+    model: str
+    attack: str  # the family, as in SPEED_TARGETS
+    settings: str
+    speed: Row  # Adversa's row whose images/s is compared
+    quality: Row  # Adversa's row on the same images as the peer
+    peer: Row
+
+
+def family(attack: str) -> str:
+    for name in ("C&W", "CW", "CarliniL2", "L2CarliniWagner"):
+        if attack.startswith(name):
+            return "C&W"
+    if attack.startswith(("JSMA", "SaliencyMap")):
+        return "JSMA"
+    return attack
+
+
+def load(results: Path) -> dict[str, dict[str, list[Row]]]:
+    """{model: {bench: rows}} from ``<bench>-<model>.json``."""
+    found: dict[str, dict[str, list[Row]]] = {}
+    for path in sorted(results.glob("*.json")):
+        bench, _, model = path.stem.partition("-")
+        if bench not in ("attacks", "apgd", "cw", "jsma", "blackbox") or not model:
+            continue
+        found.setdefault(model, {})[bench] = json.loads(path.read_text())["rows"]
+    return found
+
+
+def key(row: Row) -> tuple[str, str, str]:
+    """What must match between Adversa's row and a peer's: the family, the norm and the setting
+    (C&W's (A)/(B), JSMA's targeting; the other benches run one setting per attack)."""
+    settings = row.get("settings") or ""
+    tag = settings[:3] if settings.startswith("(") else ("targeted" if "targeted" in settings
+                                                        and "untargeted" not in settings else "")
+    return family(row["attack"]), row.get("norm") or "", tag
+
+
+def pairs(model: str, benches: dict[str, list[Row]]) -> list[Pair]:
+    out = []
+    for rows in benches.values():
+        ours = [r for r in rows if r["implementation"] == OURS]
+        for peer in (r for r in rows if r["implementation"] != OURS):
+            mine = [r for r in ours if key(r) == key(peer)]
+            if family(peer["attack"]) == "JSMA":  # the peers' JSMA is the probabilities one
+                mine = [r for r in mine if "logits" not in r["attack"]] or mine
+            timed = [r for r in mine if r.get("images_per_s")]
+            if not timed:
+                continue
+            same = [r for r in mine if r["n"] == peer["n"]]
+            speed = max(timed, key=lambda r: r["n"])
+            # Several Adversa rows of one setting (C&W (A) with and without the early abort): one pair each.
+            speeds = [r for r in timed if r["n"] == speed["n"]]
+            for s in speeds:
+                quality = next((r for r in same if r["attack"] == s["attack"] and
+                                (r.get("settings") or "") == (s.get("settings") or "")), None)
+                quality = quality or (same[0] if same and len(speeds) == 1 else s)
+                out.append(Pair(model, family(peer["attack"]), s.get("settings") or peer.get("settings") or "",
+                                s, quality, peer))
+    return out
+
+
+def verdict(pair: Pair) -> tuple[str, str]:
+    """(target, verdict) for one pair."""
+    ours, peer, quality = pair.speed, pair.peer, pair.quality
+    speedup = ours["images_per_s"] / peer["images_per_s"] if peer.get("images_per_s") else None
+    if peer["implementation"] == BASELINE:
+        return "baseline", "–"
+    target = SPEED_TARGETS.get(pair.attack)
+    if target is None:
+        return "–", "for information"
+    problems = []
+    if speedup is None or speedup < target:
+        problems.append(f"speed {speedup:.2f}x < {target:g}x" if speedup else "peer not timed")
+    if quality["success_rate"] + 1e-9 < peer["success_rate"]:
+        problems.append(f"success {quality['success_rate']:.1%} < {peer['success_rate']:.1%}")
+    if pair.attack == "DeepFool" and ours["success_rate"] < MIN_DEEPFOOL_SUCCESS:
+        problems.append(f"success {ours['success_rate']:.1%} < 99%")
+    if (pair.attack in MINIMAL and quality.get("median_l2") and peer.get("median_l2")
+            and quality["median_l2"] > L2_SLACK * peer["median_l2"]):
+        problems.append(f"median L2 {quality['median_l2'] / peer['median_l2']:.3f}x the peer's")
+    text = f">= {target:g}x"
+    if pair.attack in MINIMAL:
+        text += ", L2 <= 1.05x"
+    return text, "met" if not problems else "NOT met: " + "; ".join(problems)
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def pair_table(found: list[Pair]) -> list[str]:
+    lines = ["| attack | settings | peer | adversa images/s | peer images/s | speed-up | "
+             "success adversa / peer (same images) | median L2 adversa / peer (same images) | "
+             "target | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in found:
+        target, result = verdict(p)
+        peer_ips = p.peer.get("images_per_s")
+        speedup = p.speed["images_per_s"] / peer_ips if peer_ips else None
+        norm = f" {p.peer['norm']}" if p.peer.get("norm") else ""
+        lines.append(
+            f"| {p.attack}{norm} | {p.settings or '–'} | {p.peer['implementation']} ({p.peer['batching']}, "
+            f"n={p.peer['n']}) | {fmt(p.speed['images_per_s'], '.1f')} | {fmt(peer_ips, '.1f')} | "
+            f"{fmt(speedup, '.2f')}x | {p.quality['success_rate']:.1%} / {p.peer['success_rate']:.1%} | "
+            f"{fmt(p.quality.get('median_l2'), '.3f')} / {fmt(p.peer.get('median_l2'), '.3f')} | {target} | "
+            f"{result} |")
+    return lines
+
+
+def cost_table(benches: dict[str, list[Row]]) -> list[str]:
+    lines = ["| attack | full-budget cost ratio | cost ratio per gradient spent | limit | verdict |",
+             "|---|---|---|---|---|"]
+    for rows in benches.values():
+        for r in rows:
+            if r["implementation"] != OURS or r["attack"].split(" (")[0] not in COST_RATIO_ATTACKS:
+                continue
+            full = r.get("full_budget_ratio")
+            if full is None:
+                continue
+            ok = "met" if full <= COST_RATIO_LIMIT else "NOT met"
+            lines.append(f"| {r['attack']} | {full:.2f} | {fmt(r.get('cost_ratio'), '.2f')} | "
+                         f"<= {COST_RATIO_LIMIT} | {ok} |")
+    return lines
+
+
+def render(found: dict[str, dict[str, list[Row]]]) -> str:
+    md = ["# Benchmark summary: the issue's targets", "",
+          "Written by `.venv/bin/python -m bench.summary` from the JSON results in this directory (each "
+          "table row of a model comes from one benchmark run; the commands are in the per-bench files).", "",
+          "speed-up = Adversa's images/s (its full run) / the peer's; success and median L2 are compared on "
+          "the peer's images (Adversa's row on the same subset where the peer ran fewer images). "
+          "'for information': the issue sets no speed target for that attack.", ""]
+    for model, benches in found.items():
+        md += [f"## {model}", "", *pair_table(pairs(model, benches)), "",
+               "Cost ratios (Adversa; full budget = nominal steps x one forward+backward of the chunk):", "",
+               *cost_table(benches), ""]
+    return "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--results", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    text = render(load(args.results))
+    (args.results / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
