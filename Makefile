@@ -38,10 +38,11 @@ reproduce: install data
 
 # Every peer comparison, on the small CNN (512 images) and on the ResNet-18 (fewer images: it is
 # about 20x slower per image on a CPU). Results and the commands that made them: bench/results/.
-BENCH_MODULES := attacks apgd cw jsma blackbox
+BENCH_MODULES := attacks norms apgd cw jsma blackbox
 RESNET_N ?= 32
 bench: install data $(BENCH_STAMP)
 	$(BIN)/python -m bench.attacks
+	$(BIN)/python -m bench.norms
 	$(BIN)/python -m bench.apgd
 	$(BIN)/python -m bench.cw
 	$(BIN)/python -m bench.jsma

@@ -191,7 +191,39 @@ def timed(fn: Callable[[], T], repeats: int, warm_up: bool = True) -> tuple[T, f
 
 
 
-def run_adversa(bench: Bench, attack: str, kernel: Kernel, spec: Any, nominal: int | None) -> Run:
+@dataclass(frozen=True)
+class Pending:
+    """A row to time: ``once()`` runs the attack, ``finish(result, seconds, others)`` makes the Run."""
+
+    once: Callable[[], Any]
+    finish: Callable[[Any, float, float | None], Run]
+
+
+def run_interleaved(pending: list[Pending], repeats: int) -> list[Run]:
+    """Time every row ``repeats`` times, round-robin (row 1, row 2, ..., row 1, row 2, ...), and keep
+    each row's median: the machine's speed drifts by tens of percent over minutes, and timing the
+    rows one after the other let that drift decide comparisons. One untimed warm-up run per row
+    first when ``repeats > 1`` (as ``timed``)."""
+    results = [p.once() if repeats > 1 else None for p in pending]
+    times: list[list[float]] = [[] for _ in pending]
+    others = [0.0 for _ in pending]
+    known = True
+    for _ in range(repeats):
+        for i, p in enumerate(pending):
+            busy0, cpu0 = busy_seconds(), time.process_time()
+            start = time.perf_counter()
+            results[i] = p.once()
+            times[i].append(time.perf_counter() - start)
+            busy1, cpu1 = busy_seconds(), time.process_time()
+            if busy0 is None or busy1 is None:
+                known = False
+            else:
+                others[i] += max(0.0, busy1 - busy0 - (cpu1 - cpu0))
+    return [p.finish(results[i], statistics.median(times[i]), others[i] / sum(times[i]) if known else None)
+            for i, p in enumerate(pending)]
+
+
+def adversa_pending(bench: Bench, attack: str, kernel: Kernel, spec: Any, nominal: int | None) -> Pending:
 
     def once() -> tuple[torch.Tensor, list[AttackOutput]]:
         generator = torch.Generator().manual_seed(SEED)
@@ -199,9 +231,16 @@ def run_adversa(bench: Bench, attack: str, kernel: Kernel, spec: Any, nominal: i
                 for xc, yc in zip(bench.x.split(bench.chunk), bench.y.split(bench.chunk), strict=True)]
         return torch.cat([o.x_adv for o in outs]), outs
 
-    (x_adv, outs), seconds, others = timed(once, bench.repeats)
-    gradients = torch.cat([o.gradients for o in outs])
-    return Run("adversa", attack, f"chunks of {bench.chunk}", x_adv, seconds, others, gradients, nominal)
+    def finish(result: tuple[torch.Tensor, list[AttackOutput]], seconds: float, others: float | None) -> Run:
+        x_adv, outs = result
+        gradients = torch.cat([o.gradients for o in outs])
+        return Run("adversa", attack, f"chunks of {bench.chunk}", x_adv, seconds, others, gradients, nominal)
+
+    return Pending(once, finish)
+
+
+def run_adversa(bench: Bench, attack: str, kernel: Kernel, spec: Any, nominal: int | None) -> Run:
+    return run_interleaved([adversa_pending(bench, attack, kernel, spec, nominal)], bench.repeats)[0]
 
 
 def deepfool_floor(bench: Bench, reps: int = FB_REPS) -> float:
@@ -234,10 +273,10 @@ def same_images(run: Run, m: int) -> Run:
                    note=f"first {m} images of the {n}-image run above (the peers' images), seconds pro rata")
 
 
-def run_torchattacks(bench: Bench, attack: str, make: Callable[[nn.Module], AttackFn], m: int,
-                     chunked: bool, nominal: int | None, note: str = "",
-                     implementation: str = "torchattacks", module: nn.Module | None = None) -> Run:
-    """Time ``make(module)(x, y)`` on the first ``m`` images, in one call or in chunks."""
+def peer_pending(bench: Bench, attack: str, make: Callable[[nn.Module], AttackFn], m: int,
+                 chunked: bool, nominal: int | None, note: str = "",
+                 implementation: str = "torchattacks", module: nn.Module | None = None) -> Pending:
+    """``make(module)(x, y)`` on the first ``m`` images, in one call or in chunks."""
     atk = make(module if module is not None else bench.ta_module)
     x, y = bench.x[:m], bench.y[:m]
     size = bench.chunk if chunked else m
@@ -246,9 +285,19 @@ def run_torchattacks(bench: Bench, attack: str, make: Callable[[nn.Module], Atta
         torch.manual_seed(SEED)
         return torch.cat([atk(xc, yc) for xc, yc in zip(x.split(size), y.split(size), strict=True)])
 
-    x_adv, seconds, others = timed(once, bench.repeats)
-    batching = f"chunks of {bench.chunk}" if chunked else f"one call of {m}"
-    return Run(implementation, attack, batching, x_adv.detach(), seconds, others, None, nominal, note)
+    def finish(x_adv: torch.Tensor, seconds: float, others: float | None) -> Run:
+        batching = f"chunks of {bench.chunk}" if chunked else f"one call of {m}"
+        return Run(implementation, attack, batching, x_adv.detach(), seconds, others, None, nominal, note)
+
+    return Pending(once, finish)
+
+
+def run_torchattacks(bench: Bench, attack: str, make: Callable[[nn.Module], AttackFn], m: int,
+                     chunked: bool, nominal: int | None, note: str = "",
+                     implementation: str = "torchattacks", module: nn.Module | None = None) -> Run:
+    """Time ``make(module)(x, y)`` on the first ``m`` images, in one call or in chunks."""
+    pending = peer_pending(bench, attack, make, m, chunked, nominal, note, implementation, module)
+    return run_interleaved([pending], bench.repeats)[0]
 
 
 def torchattacks_makers() -> dict[str, tuple[Callable[[nn.Module], AttackFn], int | None]]:
@@ -281,7 +330,7 @@ def fresh_module() -> nn.Module:
     return load_module(directory)[1]
 
 
-def peer_runs(bench: Bench, peers: list[str], peer_n: int) -> list[Run]:
+def peer_pendings(bench: Bench, peers: list[str], peer_n: int) -> list[Pending]:
     """ART and Foolbox (in chunks, their usual batching) and the per-image reference DeepFool."""
     from bench import peers as peer_lib
 
@@ -296,38 +345,36 @@ def peer_runs(bench: Bench, peers: list[str], peer_n: int) -> list[Run]:
         for attack, (make, nominal) in table_.items():
             n_rows = m if attack == "DeepFool" else len(bench.x)
             note = f"first {n_rows} images" if n_rows < len(bench.x) else ""
-            runs.append(run_torchattacks(bench, attack, make, n_rows, True, nominal, note,
-                                         implementation=name, module=fresh_module()))
+            runs.append(peer_pending(bench, attack, make, n_rows, True, nominal, note,
+                                     implementation=name, module=fresh_module()))
     if "reference" in peers:
         for clip in (False, True):
             def make(module: nn.Module, clip: bool = clip) -> AttackFn:
                 return lambda x, y: peer_lib.reference_deepfool(module, x, y, overshoot=DF_OVERSHOOT,
                                                                 max_iter=DF_STEPS, clip=clip)
-            runs.append(run_torchattacks(
+            runs.append(peer_pending(
                 bench, "DeepFool", make, m, False, None,
                 f"classic per-image loop, {'clipped to [0, 1] every iterate' if clip else 'never clipped'}; "
                 f"first {m} images", implementation="reference", module=fresh_module()))
     return runs
 
 
-def all_runs(bench: Bench, skip_torchattacks: bool, peer_n: int) -> list[Run]:
+def all_pendings(bench: Bench, skip_torchattacks: bool) -> list[Pending]:
     pgd_spec = PGDSpec(eps=EPS, norm="linf", steps=PGD_STEPS, step_size=PGD_ALPHA, random_start=True)
     df_spec = DeepFoolSpec(norm="l2", overshoot=DF_OVERSHOOT, max_iter=DF_STEPS, candidates=10)
     runs = [
-        run_adversa(bench, "FGSM", fgsm, FGSMSpec(eps=EPS, check=False), 1),
-        run_adversa(bench, "PGD", pgd, pgd_spec, PGD_STEPS),
+        adversa_pending(bench, "FGSM", fgsm, FGSMSpec(eps=EPS, check=False), 1),
+        adversa_pending(bench, "PGD", pgd, pgd_spec, PGD_STEPS),
         # Every sample runs every step: the cost ratio is then the kernel's own overhead per step.
-        run_adversa(bench, "PGD (no early stop)", pgd, replace(pgd_spec, early_stop=False), PGD_STEPS),
-        run_adversa(bench, "DeepFool", deepfool, df_spec, None),
+        adversa_pending(bench, "PGD (no early stop)", pgd, replace(pgd_spec, early_stop=False), PGD_STEPS),
+        adversa_pending(bench, "DeepFool", deepfool, df_spec, None),
     ]
-    if peer_n < len(bench.x):
-        runs.append(same_images(runs[-1], peer_n))
     if skip_torchattacks:
         return runs
     for attack, (make, nominal) in torchattacks_makers().items():
         m, note = deepfool_subset(bench, make) if attack == "DeepFool" else (len(bench.x), "")
         for chunked in (False, True):
-            runs.append(run_torchattacks(bench, attack, make, m, chunked, nominal, note))
+            runs.append(peer_pending(bench, attack, make, m, chunked, nominal, note))
     return runs
 
 
@@ -407,7 +454,9 @@ def table(rows: list[Row]) -> str:
 
 def notes(bench: Bench, rows: list[Row]) -> list[str]:
     out = [
-        f"seconds: median of {bench.repeats} timed run(s), after a warm-up forward. other load: mean number "
+        f"seconds: median of {bench.repeats} timed run(s) per row, the rows timed round-robin (every row "
+        "once, then every row again, ...) so that the machine's drift over minutes hits all rows alike; "
+        "one untimed warm-up run per row first. other load: mean number "
         "of CPU cores that other processes kept busy during the timed runs (from /proc/stat); well above 0 "
         "means the timing was disturbed by contention.",
         f"Adversa kernels are called in chunks of {bench.chunk} (the worker's way); torchattacks runs "
@@ -507,9 +556,13 @@ def main(argv: list[str] | None = None) -> None:
     MODEL = args.model
     start = time.perf_counter()
     bench = load(args.n, args.chunk, FB_REPS, args.repeats)
-    runs = all_runs(bench, args.skip_torchattacks, args.peer_n)
+    pending = all_pendings(bench, args.skip_torchattacks)
+    pending += peer_pendings(bench, [p for p in args.peers.split(",") if p], args.peer_n)
+    runs = run_interleaved(pending, bench.repeats)
+    row = next(i for i, r in enumerate(runs) if r.implementation == "adversa" and r.attack == "DeepFool")
+    if args.peer_n < len(bench.x):
+        runs.insert(row + 1, same_images(runs[row], args.peer_n))
     bench = replace(bench, t_deepfool_floor=deepfool_floor(bench))
-    runs += peer_runs(bench, [p for p in args.peers.split(",") if p], args.peer_n)
     bench = remeasure(bench)
     rows = [score(bench, run) for run in runs]
     meta = metadata(bench, args, time.perf_counter() - start)
