@@ -14,7 +14,8 @@ What differs from a per-image reference loop, and why:
 * one forward and one backward pass per iteration for all samples still running; Adam's moments
   are elementwise tensors of the batch, so a sample's trajectory never depends on the others;
 * early abort is per sample: every ``ceil(max_iter / 10)`` iterations a sample whose loss has not
-  fallen by at least 1e-4 (relative) since the previous check leaves the working set, so the
+  fallen by at least 0.3% (relative; see ``ABORT_TOLERANCE``) since the previous check leaves the
+  working set, so the
   remaining iterations are spent only on samples still making progress; from the second check on,
   a sample that has not reached the goal in this search step also leaves when twice the linear
   trend of its margin over the last check interval would still not reach ``-kappa`` by the last
@@ -23,7 +24,8 @@ What differs from a per-image reference loop, and why:
 * warm start (``warm_start``): a search step starts from the sample's best adversarial example so
   far (Adam's moments reset), not from ``x``: a smaller ``c`` then only has to pull the point back
   towards ``x`` along the boundary. Measured on 128 fmnist-cnn test images at 9 x 100 from
-  c = 0.01: median L2 0.745 -> 0.725 with 708 -> 527 gradient calls per image (both rules on);
+  c = 0.01 (abort tolerance 1e-4): median L2 0.745 -> 0.725 with 708 -> 527 gradient calls per
+  image (the hopeless rule and the warm start on);
 * the best (smallest L2) adversarial example is judged on the iterate that was forwarded, with the
   ``kappa`` margin, and kept across all search steps; at the end one forward pass re-judges the
   returned tensor, so ``success`` always describes what is returned;
@@ -48,7 +50,13 @@ from workers.classifier import Classifier
 TANH_SMOOTHER = 0.999999
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-ABORT_TOLERANCE = 1e-4  # relative decrease of the loss that counts as progress
+# Relative decrease of the loss per check interval that counts as progress. The authors' 1e-4 was
+# set for 10,000 iterations checked every 1,000; at 100 iterations checked every 10, 3e-3 stops the
+# samples that have settled: on 128 fmnist-cnn test images at 9 x 100 from c = 0.01 (with the
+# hopeless rule and the warm start), 527 -> 409 gradient calls per image, median L2 0.7245 -> 0.7300
+# (Foolbox on the same images: 0.7452), success unchanged.
+ABORT_TOLERANCE = 3e-3
+HOPELESS_FACTOR = 2.0  # a search step stops when this multiple of its margin's trend cannot reach the goal
 
 
 @dataclass(frozen=True)
@@ -180,13 +188,13 @@ def carlini_wagner_l2(
             if it == spec.max_iter - 1:
                 break
             if spec.abort_early and it % check_every == 0:
-                # The authors' rule, per sample: no relative decrease of 1e-4 since the last check
+                # The authors' rule, per sample: no relative decrease of ABORT_TOLERANCE since the last check
                 # (check_every iterations ago) means this sample stops for this search step.
                 progress = loss <= loss_at_check - ABORT_TOLERANCE * loss_at_check.abs()
                 keep = torch.isinf(loss_at_check) | progress
                 if spec.abort_hopeless and it >= 2 * check_every:
                     drop_per_iter = (margin_at_check - margin) / check_every
-                    reachable = margin - 2 * drop_per_iter * (spec.max_iter - 1 - it) <= -kappa
+                    reachable = margin - HOPELESS_FACTOR * drop_per_iter * (spec.max_iter - 1 - it) <= -kappa
                     keep = keep & (found[idx] | reachable)
                 loss_at_check, margin_at_check = loss, margin
                 if not bool(keep.all()):
