@@ -147,7 +147,7 @@ def pairs(model: Any, chunk: int) -> list[Pair]:
              ours(square, sq_spec),
              theirs(lambda m: torchattacks.Square(m, norm="Linf", eps=sq_eps, n_queries=bb.SQUARE_QUERIES - 2,
                                                   n_restarts=1, p_init=sq_p, loss="margin", resc_schedule=True,
-                                                  seed=base.SEED)), 1, 32, 1.0),
+                                                  seed=base.SEED)), 4, chunk, 1.0),
     ]
 
 
@@ -241,12 +241,6 @@ def main(argv: list[str] | None = None) -> None:
         results.append(result)
         print(f"{result.attack} {result.settings} vs {result.peer}: {result.ours_seconds:.2f} s / "
               f"{result.peer_seconds:.2f} s on {result.n} images -> {result.speedup:.2f}x", flush=True)
-    lines = ["| attack | settings | peer | images | chunk | adversa s | peer s | speed-up | target |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        target = f">= {r.target:g}x" if r.target else "–"
-        lines.append(f"| {r.attack} | {r.settings or '–'} | {r.peer} | {r.n} | {r.chunk} | "
-                     f"{r.ours_seconds:.2f} | {r.peer_seconds:.2f} | {r.speedup:.2f}x | {target} |")
     costs = []
     if not wanted or "cost" in wanted:
         for attack, kernel, spec, steps in cost_ratios(bench.model, args.chunk):
@@ -255,16 +249,31 @@ def main(argv: list[str] | None = None) -> None:
             costs.append(c)
             print(f"cost ratio {attack}: {c.attack_seconds:.2f} s / {c.limit_seconds:.2f} s = {c.ratio:.2f}",
                   flush=True)
+    stem = args.out / f"headtohead-{base.MODEL}"
+    if wanted and stem.with_suffix(".json").exists():
+        # A partial run replaces its own rows in the last full run's file and keeps the others.
+        previous = json.loads(stem.with_suffix(".json").read_text())
+        results = [Result(**r) for r in previous["rows"] if r["attack"] not in wanted] + results
+        if "cost" not in wanted:
+            costs = [Cost(**c) for c in previous.get("costs", [])]
+    lines = ["| attack | settings | peer | images | chunk | adversa s | peer s | speed-up | target |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        target = f">= {r.target:g}x" if r.target else "–"
+        lines.append(f"| {r.attack} | {r.settings or '–'} | {r.peer} | {r.n} | {r.chunk} | "
+                     f"{r.ours_seconds:.2f} | {r.peer_seconds:.2f} | {r.speedup:.2f}x | {target} |")
     cost_lines = ["| attack | nominal steps | images | attack s | steps x forward+backward s | cost ratio | "
                   "limit |", "|---|---|---|---|---|---|---|"]
     cost_lines += [f"| {c.attack} | {c.steps} | {c.n} | {c.attack_seconds:.2f} | {c.limit_seconds:.2f} | "
                    f"{c.ratio:.2f} | <= 1.15 |" for c in costs]
-    meta = {"model": base.MODEL, "command": ".venv/bin/python -m bench.headtohead",
+    command = ".venv/bin/python -m bench.headtohead" + (f" --only {args.only}" if args.only else "")
+    if wanted:
+        command += " (these rows re-measured; the others kept from the previous full run)"
+    meta = {"model": base.MODEL, "command": command,
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "wall_seconds": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"headtohead-{base.MODEL}"
     stem.with_suffix(".md").write_text("\n".join([
         f"# Head-to-head speed: {base.MODEL}", "", f"Command: `{meta['command']}`", "",
         f"- date: {meta['date']}; torch {meta['torch']}, CPU, {meta['threads']} threads; "

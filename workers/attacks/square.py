@@ -220,14 +220,13 @@ def _linf_proposal(model: Classifier, x_full: torch.Tensor, x0: torch.Tensor, x_
     rows, cols, signs = rows[idx], cols[idx], signs[idx]
     mask = _window_mask(x0, rows, cols, side)
     # The first proposal that changes the image; flipping every channel of the first always does.
-    chosen = -signs[:, 0]
-    pending = torch.ones(idx.numel(), dtype=torch.bool, device=x0.device)
-    for k in range(LINF_REDRAWS):
-        candidate = project(x0 + eps * signs[:, k, :, None, None], x0, eps, "linf", model.bounds)
-        changed = (torch.where(mask, candidate, x_cur) - x_cur).abs().flatten(1).amax(dim=1) > 1e-7
-        take = pending & changed
-        chosen = torch.where(take[:, None], signs[:, k], chosen)
-        pending = pending & ~take
+    # All LINF_REDRAWS proposals are built at once (n, R, C, H, W): a handful of tensor operations
+    # per iteration, whatever R, which is what the small batches of the last iterations pay for.
+    candidates = project(x0[:, None] + eps * signs[..., None, None], x0[:, None], eps, "linf", model.bounds)
+    changed = ((candidates - x_cur[:, None]).abs() * mask[:, None]).flatten(2).amax(dim=2) > 1e-7
+    first = changed.to(torch.uint8).argmax(dim=1)
+    rows_n = torch.arange(idx.numel(), device=x0.device)
+    chosen = torch.where(changed.any(dim=1)[:, None], signs[rows_n, first], -signs[:, 0])
     candidate = project(x0 + eps * chosen[:, :, None, None], x0, eps, "linf", model.bounds)
     return torch.where(mask, candidate, x_cur)
 
