@@ -26,7 +26,7 @@ from workers.attacks.deepfool import DeepFoolSpec
 from workers.attacks.fgsm import FGSMSpec
 from workers.attacks.pgd import PGDSpec
 from workers.attacks.square import SquareSpec
-from workers.audit.battery import AuditPlan, ChunkResult, Detector, Stage, run_battery
+from workers.audit.battery import AuditPlan, Detector, Stage, run_battery
 from workers.audit.gate import evaluate_gate, parse_gate
 from workers.audit.merge import Chunk, merge, nan_to_none, worst_case_rows
 from workers.audit.report import ReportSamples, render_report
@@ -115,7 +115,7 @@ def build_plan(spec: AuditSpec, detector: Detector | None, surrogates: tuple[Any
 # --- chunks ----------------------------------------------------------------------------------
 
 
-def _save(result: ChunkResult, minimal_keys: list[str]) -> bytes:
+def _save(result: Chunk, minimal_keys: list[str]) -> bytes:
     arrays: dict[str, np.ndarray] = {"labels": result.labels, "clean_pred": result.clean_pred}
     for norm, value in result.robust.items():
         arrays[f"robust.{norm}"] = value
@@ -142,12 +142,12 @@ def _save(result: ChunkResult, minimal_keys: list[str]) -> bytes:
     return buffer.getvalue()
 
 
-def _load(data: bytes) -> tuple[Chunk, dict[str, np.ndarray]]:
+def _load(data: bytes) -> Chunk:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(arrays["meta"].tobytes().decode())
     norms = [k.split(".", 1)[1] for k in arrays if k.startswith("robust.")]
-    chunk = Chunk(
+    return Chunk(
         labels=arrays["labels"], clean_pred=arrays["clean_pred"],
         robust={n: arrays[f"robust.{n}"] for n in norms},
         broken_by={n: arrays[f"broken_by.{n}"] for n in norms},
@@ -157,11 +157,10 @@ def _load(data: bytes) -> tuple[Chunk, dict[str, np.ndarray]]:
         transfer={name: arrays[f"transfer.{i}"] for i, name in enumerate(meta["transfer"])},
         counters=meta["counters"], bpda=meta["bpda"], eot=meta["eot"],
         flagged_by_stage={k.split(".", 1)[1]: v for k, v in arrays.items()
-                          if k.startswith("flagged_by_stage.")})
-    images = {n: arrays[f"images.{n}"] for n in norms}
-    images |= {f"preds.{n}": arrays[f"image_preds.{n}"] for n in norms}
-    images["clean"] = arrays.get("clean_images", np.empty((0,)))
-    return chunk, images
+                          if k.startswith("flagged_by_stage.")},
+        images={n: arrays[f"images.{n}"] for n in norms},
+        image_preds={n: arrays[f"image_preds.{n}"] for n in norms},
+        clean_images=arrays.get("clean_images"))
 
 
 def run_audit_chunk(payload: dict[str, Any]) -> dict[str, Any]:
@@ -225,11 +224,7 @@ def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
         if failed:
             raise JobFailure(f"{len(failed)} of {len(spec.chunk_ids)} chunk jobs did not finish "
                              f"(first: {failed[0]})", "chunk-failed")
-    chunks, images = [], []
-    for i in range(len(spec.chunk_ids)):
-        chunk, chunk_images = _load(ctx.store.get(f"audits/{spec.audit_id}/chunk-{i}.npz"))
-        chunks.append(chunk)
-        images.append(chunk_images)
+    chunks = [_load(ctx.store.get(f"audits/{spec.audit_id}/chunk-{i}.npz")) for i in range(len(spec.chunk_ids))]
     bounded, minimal = stage_names(spec.audit)
     found = ctx.cache.index.detector(card, spec.team)
     detector = None if found is None else {"threshold": found.threshold, "fpr": found.fpr,
@@ -241,7 +236,7 @@ def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
                    "attacks": bounded, "minimal_attacks": list(minimal)})
     gate = parse_gate(spec.audit.thresholds)
     result["gate"] = evaluate_gate(gate, result) if gate else None
-    samples = _report_samples(chunks, images, spec.audit.grids, spec.audit.check_eps, card.bounds)
+    samples = _report_samples(chunks, spec.audit.grids, spec.audit.check_eps, card.bounds)
     header, rows = worst_case_rows(chunks, spec.audit.grids, bounded)
     result["seconds"] = round(time.perf_counter() - started, 3)
     result["artifacts"] = ["report.html", "samples.csv", "audit.json"]
@@ -252,26 +247,27 @@ def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
     return result
 
 
-def _report_samples(chunks: list[Chunk], images: list[dict[str, np.ndarray]], grids: dict[str, list[float]],
-                    check_eps: dict[str, float], bounds: tuple[float, float]) -> ReportSamples | None:
+def _report_samples(chunks: list[Chunk], grids: dict[str, list[float]], check_eps: dict[str, float],
+                    bounds: tuple[float, float]) -> ReportSamples | None:
     """Up to 8 samples broken at the report eps (the first norm's check eps, else its largest),
     with their worst-case examples, for the image grid."""
     for norm, grid in grids.items():
-        if norm not in images[0]:
+        first = chunks[0]
+        if norm not in first.images or first.clean_images is None:
             continue
         e = min(range(len(grid)), key=lambda i: abs(grid[i] - check_eps.get(norm, grid[-1])))
-        picks = [(c, i) for c, chunk in enumerate(chunks) for i in range(images[c][norm].shape[1])
+        picks = [(c, i) for c, chunk in enumerate(chunks) for i in range(chunk.images[norm].shape[1])
                  if chunk.broken_by[norm][e, i] >= 0][:8]
         if not picks:
-            picks = [(0, i) for i in range(min(8, images[0][norm].shape[1]))]
+            picks = [(0, i) for i in range(min(8, first.images[norm].shape[1]))]
         if not picks:
             return None
         return ReportSamples(
-            x=np.stack([images[c]["clean"][i] for c, i in picks]),
-            x_adv=np.stack([images[c][norm][e, i] for c, i in picks]),
+            x=np.stack([chunks[c].clean_images[i] for c, i in picks]),  # type: ignore[index]
+            x_adv=np.stack([chunks[c].images[norm][e, i] for c, i in picks]),
             labels=np.array([chunks[c].labels[i] for c, i in picks]),
             clean_pred=np.array([chunks[c].clean_pred[i] for c, i in picks]),
-            adv_pred=np.array([images[c][f"preds.{norm}"][e, i] for c, i in picks]),
+            adv_pred=np.array([chunks[c].image_preds[norm][e, i] for c, i in picks]),
             eps_label=f"{norm}:{grid[e]:g}", bounds=bounds)
     return None
 

@@ -232,20 +232,11 @@ def craft(
 
 def run_attack(payload: dict[str, Any]) -> dict[str, Any]:
     """RQ job: run one attack over the job's inputs and return the scores summary."""
-    job = get_current_job()
-    try:
-        return _run_attack(payload, job)
-    except BaseException as exc:
-        _fail_meta(job, exc)
-        raise
+    return entry(payload, AttackJob, _run_attack)
 
 
-def _run_attack(payload: dict[str, Any], job: Job | None) -> dict[str, Any]:
+def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
     started = time.perf_counter()
-    try:
-        spec = AttackJob.model_validate(payload)
-    except ValidationError as exc:
-        raise InvalidJob(f"invalid job payload: {exc}") from exc
     ctx = context()
     try:
         card, model = ctx.cache.get(spec.model)
@@ -373,41 +364,39 @@ def _write_artifacts(
 
 def run_predict(payload: dict[str, Any]) -> dict[str, Any]:
     """RQ job on the high-priority queue: logits for a small batch."""
-    job = get_current_job()
+    return entry(payload, PredictJob, _run_predict)
+
+
+def _run_predict(spec: PredictJob, job: Job | None) -> dict[str, Any]:
+    ctx = context()
     try:
-        spec = PredictJob.model_validate(payload)
-        ctx = context()
-        try:
-            card, model = ctx.cache.get(spec.model)
-        except UnknownModelError as exc:
-            raise JobFailure(str(exc), "unknown-model") from exc
-        array = np.load(io.BytesIO(base64.b64decode(spec.array)), allow_pickle=False)
-        x = torch.from_numpy(array.astype(np.float32, copy=False)).to(model.device)
-        if not spec.reject:
-            logits = model.predict(x, 256)
-            return {
-                "model": card.ref,
-                "logits": logits.cpu().tolist(),
-                "probabilities": logits.softmax(dim=1).cpu().tolist(),
-                "labels": logits.argmax(dim=1).cpu().tolist(),
-            }
-        detector = ctx.cache.index.detector(card, spec.team)
-        if detector is None:
-            raise JobFailure(f"{card.ref} has no calibrated detector", "no-detector")
-        logits, scores = squeeze_logits_and_scores(model.module, x, detector.squeezers, card.bounds,
-                                                   batch_size=256)
-        model.queries += x.shape[0] * (1 + len(detector.squeezers))
+        card, model = ctx.cache.get(spec.model)
+    except UnknownModelError as exc:
+        raise JobFailure(str(exc), "unknown-model") from exc
+    array = np.load(io.BytesIO(base64.b64decode(spec.array)), allow_pickle=False)
+    x = torch.from_numpy(array.astype(np.float32, copy=False)).to(model.device)
+    if not spec.reject:
+        logits = model.predict(x, 256)
         return {
             "model": card.ref,
             "logits": logits.cpu().tolist(),
             "probabilities": logits.softmax(dim=1).cpu().tolist(),
             "labels": logits.argmax(dim=1).cpu().tolist(),
-            "scores": scores.cpu().tolist(),
-            "threshold": detector.threshold,
-            "rejected": (scores > detector.threshold).cpu().tolist(),
-            "detector": {"kind": detector.kind, "fpr": detector.fpr, "model": detector.model},
         }
-    except BaseException as exc:
-        _fail_meta(job, exc)
-        raise
+    detector = ctx.cache.index.detector(card, spec.team)
+    if detector is None:
+        raise JobFailure(f"{card.ref} has no calibrated detector", "no-detector")
+    logits, scores = squeeze_logits_and_scores(model.module, x, detector.squeezers, card.bounds,
+                                               batch_size=256)
+    model.queries += x.shape[0] * (1 + len(detector.squeezers))
+    return {
+        "model": card.ref,
+        "logits": logits.cpu().tolist(),
+        "probabilities": logits.softmax(dim=1).cpu().tolist(),
+        "labels": logits.argmax(dim=1).cpu().tolist(),
+        "scores": scores.cpu().tolist(),
+        "threshold": detector.threshold,
+        "rejected": (scores > detector.threshold).cpu().tolist(),
+        "detector": {"kind": detector.kind, "fpr": detector.fpr, "model": detector.model},
+    }
 

@@ -33,13 +33,6 @@ def plan(**overrides: object) -> AuditPlan:
     return AuditPlan(**values)  # type: ignore[arg-type]
 
 
-def as_chunk(result: object) -> Chunk:
-    r = result
-    return Chunk(labels=r.labels, clean_pred=r.clean_pred, robust=r.robust, broken_by=r.broken_by,  # type: ignore[attr-defined]
-                 minimal=r.minimal, flagged=r.flagged, clean_flagged=r.clean_flagged,  # type: ignore[attr-defined]
-                 transfer=r.transfer, counters=r.counters, bpda=r.bpda, eot=r.eot)  # type: ignore[attr-defined]
-
-
 def test_curves_are_monotone_and_the_worst_case_is_the_minimum() -> None:
     model = tiny_model()
     x, y = batch(40)
@@ -74,8 +67,8 @@ def test_merge_of_chunks_equals_merge_of_the_whole() -> None:
     halves = [run_battery(model, x[i:i + 20], y[i:i + 20], plan(), generator=torch.Generator().manual_seed(0))
               for i in (0, 20)]
     classes = [f"c{i}" for i in range(CLASSES)]
-    a = merge([as_chunk(whole)], {"linf": GRID}, {"linf": NAMES}, {"deepfool": "l2"}, classes)
-    b = merge([as_chunk(h) for h in halves], {"linf": GRID}, {"linf": NAMES}, {"deepfool": "l2"}, classes)
+    a = merge([whole], {"linf": GRID}, {"linf": NAMES}, {"deepfool": "l2"}, classes)
+    b = merge(list(halves), {"linf": GRID}, {"linf": NAMES}, {"deepfool": "l2"}, classes)
     assert a["n"] == b["n"] == 40 and a["clean_accuracy"] == 1.0
     assert set(a["robust_accuracy"]) == {"linf:0.02", "linf:0.05", "linf:0.1", "linf:0.3"}
     for key, value in a["robust_accuracy"].items():
@@ -109,7 +102,7 @@ def test_a_saturated_model_warns_about_masking() -> None:
     model = Classifier(module, CLASSES, SHAPE, BOUNDS, "saturated")
     x, y = batch(40)
     out = run_battery(model, x, y, plan(), generator=torch.Generator().manual_seed(0))
-    result = merge([as_chunk(out)], {"linf": GRID}, {"linf": NAMES}, {"deepfool": "l2"}, ["a", "b", "c", "d"])
+    result = merge([out], {"linf": GRID}, {"linf": NAMES}, {"deepfool": "l2"}, ["a", "b", "c", "d"])
     checks = {c["name"]: c for c in result["masking_checks"]["checks"]}
     assert result["masking_checks"]["status"] == "warn"
     assert checks["gradients-not-vanishing"]["status"] == "warn"
@@ -149,7 +142,7 @@ def test_a_randomized_model_is_attacked_with_eot_and_flagged() -> None:
     x, y = batch(24)
     out = run_battery(model, x, y, plan(minimal=()), generator=torch.Generator().manual_seed(0))
     assert out.eot and out.counters["random_max_logit_diff"] > 0
-    result = merge([as_chunk(out)], {"linf": GRID}, {"linf": NAMES}, {}, ["a", "b", "c", "d"],
+    result = merge([out], {"linf": GRID}, {"linf": NAMES}, {}, ["a", "b", "c", "d"],
                    tolerances=Tolerances())
     checks = {c["name"]: c for c in result["masking_checks"]["checks"]}
     assert checks["deterministic-forward-pass"]["status"] == "warn" and "EOT" in checks[

@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +39,7 @@ from workers.attacks.base import AttackOutput, flat_norm, project
 from workers.attacks.catalog import KERNELS
 from workers.attacks.pgd import PGDSpec
 from workers.audit.gate import eps_key
+from workers.audit.merge import Chunk
 from workers.classifier import Classifier
 from workers.defenses.preprocess import bpda
 from workers.defenses.squeeze import squeeze_scores
@@ -87,34 +87,6 @@ class AuditPlan:
     transfer_eps: float | None = None
     keep_images: int = 8
     batch_size: int = 128
-
-
-@dataclass
-class ChunkResult:
-    """Per-sample arrays (numpy) and evidence counters of one chunk."""
-
-    labels: np.ndarray
-    clean_pred: np.ndarray
-    # norm -> (stages, eps, n) bool: robust to that stage at that eps (initially wrong: False)
-    robust: dict[str, np.ndarray] = field(default_factory=dict)
-    # norm -> (eps, n) int: index of the first stage that broke the sample at that eps, -1 none
-    broken_by: dict[str, np.ndarray] = field(default_factory=dict)
-    # norm -> (eps, k, C, H, W) worst-case example of the first k samples at every eps, and
-    # (eps, k) its predicted class; the k clean images
-    images: dict[str, np.ndarray] = field(default_factory=dict)
-    image_preds: dict[str, np.ndarray] = field(default_factory=dict)
-    clean_images: np.ndarray | None = None
-    # minimal stage name -> (n,) perturbation norm of a successful example (inf: none; nan: wrong)
-    minimal: dict[str, np.ndarray] = field(default_factory=dict)
-    # norm -> (eps, n) bool: the worst-case example is flagged by the detector; (stages, eps, n):
-    # each stage's own example is
-    flagged: dict[str, np.ndarray] = field(default_factory=dict)
-    flagged_by_stage: dict[str, np.ndarray] = field(default_factory=dict)
-    clean_flagged: np.ndarray | None = None
-    transfer: dict[str, np.ndarray] = field(default_factory=dict)
-    counters: dict[str, float] = field(default_factory=dict)
-    bpda: bool = False
-    eot: bool = False
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -187,7 +159,7 @@ def input_gradient_norms(model: Classifier, x: torch.Tensor, y: torch.Tensor, ba
 
 def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: AuditPlan, *,
                 generator: torch.Generator,
-                on_stage: Callable[[str], None] | None = None) -> ChunkResult:
+                on_stage: Callable[[str], None] | None = None) -> Chunk:
     """Run ``plan`` on the batch ``x`` ``(N, C, H, W)`` in bounds with true labels ``y`` ``(N,)``.
 
     ``on_stage(description)`` is called before each stage (progress, cancellation).
@@ -216,7 +188,7 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
     counters["tiny_gradients"] = float((grad_norms < 1e-6).sum())
     counters["median_gradient_norm"] = float(grad_norms.median()) if grad_norms.numel() else 0.0
 
-    result = ChunkResult(labels=y.cpu().numpy(), clean_pred=clean_pred.cpu().numpy(),
+    result = Chunk(labels=y.cpu().numpy(), clean_pred=clean_pred.cpu().numpy(),
                          bpda=not model.differentiable, eot=eot)
     keep = min(plan.keep_images, n)
     result.clean_images = x[:keep].cpu().numpy()

@@ -28,20 +28,31 @@ class Tolerances:
 
 @dataclass
 class Chunk:
-    """What one chunk job stored (see ``workers.audit.battery.ChunkResult``), as numpy arrays."""
+    """One chunk's per-sample arrays (numpy) and evidence counters: what the battery returns, what
+    a chunk job stores and what the merge reads back (torch-free, so the merge needs no torch)."""
 
     labels: np.ndarray
     clean_pred: np.ndarray
-    robust: dict[str, np.ndarray]
-    broken_by: dict[str, np.ndarray]
-    minimal: dict[str, np.ndarray]
-    flagged: dict[str, np.ndarray]
-    clean_flagged: np.ndarray | None
-    transfer: dict[str, np.ndarray]
-    counters: dict[str, float]
-    bpda: bool
-    eot: bool
+    # norm -> (stages, eps, n) bool: robust to that stage at that eps (initially wrong: False)
+    robust: dict[str, np.ndarray] = field(default_factory=dict)
+    # norm -> (eps, n) int: index of the first stage that broke the sample at that eps, -1 none
+    broken_by: dict[str, np.ndarray] = field(default_factory=dict)
+    # norm -> (eps, k, C, H, W) worst-case example of the first k samples at every eps, and
+    # (eps, k) its predicted class; the k clean images
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    image_preds: dict[str, np.ndarray] = field(default_factory=dict)
+    clean_images: np.ndarray | None = None
+    # minimal stage name -> (n,) perturbation norm of a successful example (inf: none; nan: wrong)
+    minimal: dict[str, np.ndarray] = field(default_factory=dict)
+    # norm -> (eps, n) bool: the worst-case example is flagged by the detector; (stages, eps, n):
+    # each stage's own example is
+    flagged: dict[str, np.ndarray] = field(default_factory=dict)
     flagged_by_stage: dict[str, np.ndarray] = field(default_factory=dict)
+    clean_flagged: np.ndarray | None = None
+    transfer: dict[str, np.ndarray] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+    bpda: bool = False
+    eot: bool = False
 
 
 def _cat(parts: Sequence[np.ndarray], axis: int = -1) -> np.ndarray:
