@@ -30,7 +30,6 @@ from workers.audit.battery import AuditPlan, Detector, Stage, run_battery
 from workers.audit.gate import evaluate_gate, parse_gate
 from workers.audit.merge import Chunk, merge, nan_to_none, worst_case_rows
 from workers.audit.report import ReportSamples, render_report
-from workers.cache import UnknownModelError
 from workers.errors import JobFailure
 from workers.jobs import _check_cancel, _progress, context, entry, kernel_spec, load_inputs
 from workers.specs import (
@@ -171,11 +170,8 @@ def run_audit_chunk(payload: dict[str, Any]) -> dict[str, Any]:
 def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
     started = time.perf_counter()
     ctx = context()
-    try:
-        card, model = ctx.cache.get(spec.model)
-        surrogates = tuple(ctx.cache.get(ref)[1] for ref in spec.audit.surrogates)
-    except UnknownModelError as exc:
-        raise JobFailure(str(exc), "unknown-model") from exc
+    card, model = ctx.cache.get(spec.model)
+    surrogates = tuple(ctx.cache.get(ref)[1] for ref in spec.audit.surrogates)
     x_np, y_np = load_inputs(spec, ctx.store, ctx.settings.data_dir)  # type: ignore[arg-type]
     if spec.inputs.kind == "blob":  # a dataset chunk's InputRef is the chunk's own slice already
         x_np, y_np = x_np[spec.start:spec.stop], None if y_np is None else y_np[spec.start:spec.stop]

@@ -24,7 +24,6 @@ from models.datasets import DatasetMissingError, load_split
 from models.manifest import Composition, DetectorCard, Lineage, ModelCard, team_file
 from models.registry import ModelLoadError, assemble, load_module, publish, sha256_hex, weights_bytes
 from workers.attacks.base import goal_reached
-from workers.cache import UnknownModelError
 from workers.classifier import Classifier
 from workers.defenses.compose import build_composite
 from workers.defenses.preprocess import bpda
@@ -87,10 +86,7 @@ def _now() -> str:
 
 def _base(spec: DefenseJob, ctx: Context) -> tuple[ModelCard, Classifier]:
     assert spec.model is not None
-    try:
-        return ctx.cache.get(spec.model)
-    except UnknownModelError as exc:
-        raise JobFailure(str(exc), "unknown-model") from exc
+    return ctx.cache.get(spec.model)
 
 
 def _data(inputs: DatasetInputs | tuple[str, int, int | None], card: ModelCard, data_dir: str | None,
@@ -286,10 +282,7 @@ def _composition(spec: DefenseJob, defense: PreprocessingParams | EnsembleParams
     else:
         parts, modules = [], []
         for ref in defense.members:
-            try:
-                card, handle = ctx.cache.get(ref)
-            except UnknownModelError as exc:
-                raise JobFailure(str(exc), "unknown-model") from exc
+            card, handle = ctx.cache.get(ref)
             parts.append(card)
             modules.append(handle.module)
         for card in parts[1:]:

@@ -25,7 +25,6 @@ from models.architectures import build
 from models.manifest import DISCRIMINATOR_FILE, GENERATOR_FILE, NAME_RE, GeneratorCard, Lineage, ModelCard
 from models.publish import PublishError, publish_files
 from models.registry import assemble, sha256_hex
-from workers.cache import UnknownModelError
 from workers.classifier import Classifier
 from workers.defense_jobs import _data, _now
 from workers.errors import InvalidJob, JobFailure
@@ -61,10 +60,7 @@ def hinge_bound(spec: GeneratorJob, card: ModelCard) -> float:
 def _target(spec: GeneratorJob, ctx: Context) -> tuple[ModelCard, Classifier]:
     if not NAME_RE.match(spec.output):  # before training, not when the card is written
         raise InvalidJob(f"output: expected a lowercase kebab-case name, got {spec.output!r}")
-    try:
-        card, model = ctx.cache.get(spec.model)
-    except UnknownModelError as exc:
-        raise JobFailure(str(exc), "unknown-model") from exc
+    card, model = ctx.cache.get(spec.model)
     # What the gateway checked, again: the queue is a trust boundary too.
     if spec.target_class is not None and spec.target_class >= card.num_classes:
         raise JobFailure(f"target_class: expected a class in [0, {card.num_classes - 1}], got "

@@ -100,7 +100,10 @@ def entry(payload: dict[str, Any], schema: type[SpecT], body: Callable[[SpecT, J
             spec = schema.model_validate(payload)
         except ValidationError as exc:
             raise InvalidJob(f"invalid job payload: {exc}") from exc
-        return body(spec, job)
+        try:
+            return body(spec, job)
+        except UnknownModelError as exc:  # any model a job names that the registry does not hold
+            raise JobFailure(str(exc), "unknown-model") from exc
     except BaseException as exc:
         _fail_meta(job, exc)
         raise
@@ -238,17 +241,11 @@ def run_attack(payload: dict[str, Any]) -> dict[str, Any]:
 def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
     started = time.perf_counter()
     ctx = context()
-    try:
-        card, model = ctx.cache.get(spec.model)
-    except UnknownModelError as exc:
-        raise JobFailure(str(exc), "unknown-model") from exc
+    card, model = ctx.cache.get(spec.model)
     # Transfer: the attack sees only the surrogate; scores are measured on the target.
     attacker_card, attacker = card, model
     if spec.surrogate is not None:
-        try:
-            attacker_card, attacker = ctx.cache.get(spec.surrogate)
-        except UnknownModelError as exc:
-            raise JobFailure(str(exc), "unknown-model") from exc
+        attacker_card, attacker = ctx.cache.get(spec.surrogate)
     device = model.device
     x_np, y_np = load_inputs(spec, ctx.store, ctx.settings.data_dir)
     x = torch.from_numpy(x_np).to(device)
@@ -369,10 +366,7 @@ def run_predict(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _run_predict(spec: PredictJob, job: Job | None) -> dict[str, Any]:
     ctx = context()
-    try:
-        card, model = ctx.cache.get(spec.model)
-    except UnknownModelError as exc:
-        raise JobFailure(str(exc), "unknown-model") from exc
+    card, model = ctx.cache.get(spec.model)
     array = np.load(io.BytesIO(base64.b64decode(spec.array)), allow_pickle=False)
     x = torch.from_numpy(array.astype(np.float32, copy=False)).to(model.device)
     if not spec.reject:
