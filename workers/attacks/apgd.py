@@ -22,7 +22,7 @@ DLR is invariant to shifting and rescaling the logits, so a saturated softmax do
 gradient. APGD-T runs the targeted DLR once per target class, the ``n_target_classes`` highest wrong
 classes of the clean logits, each pass only on the samples still robust, as AutoAttack does.
 
-Each run starts from a point drawn uniformly in the eps ball (``base.random_start``).
+Each run starts from a random point of the eps ball (``base.random_start``).
 
 What we add: a sample is returned at the first iterate that reaches the goal and leaves the
 working set (at once on the CPU, at the next compaction on an accelerator: ``compaction_points``),

@@ -92,13 +92,21 @@ def project(
 def random_start(
     x: torch.Tensor, eps: float, norm: Norm, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """A perturbation drawn uniformly from the ``eps`` ball (Linf: the cube; L2: the ball)."""
+    """A random perturbation inside the ``eps`` ball.
+
+    Linf: uniform in the cube. L2: a uniformly random direction with a radius uniform in
+    ``[0, eps]`` (not uniform in the ball's volume: in ``d`` dimensions that puts the radius at
+    ``eps * u ** (1 / d)``, above ``0.99 eps`` for almost every draw when ``d = 784``, and the
+    projection then only shrinks that noise, so it keeps taking part of the budget). Measured on
+    fmnist-cnn, L2 PGD (eps 1.5, 20 steps of 0.15, 476 attacked test images, seeds 0-2): 459-462
+    images fooled from volume-uniform starts, 466-467 from these (torchattacks' PGDL2 draws the same
+    way: 465-467; no random start: 471).
+    """
     if norm == "linf":
         return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
     direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     direction = direction / per_sample(flat_norm(direction, "l2").clamp_min(TINY), direction)
-    dims = x[0].numel()
-    radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1 / dims)
+    radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
     return direction * per_sample(radius * eps, direction)
 
 
