@@ -12,7 +12,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +32,7 @@ from bench.attacks import (
     Kernel,
     Row,
     Run,
+    command_line,
     fmt,
     load,
     remeasure,
@@ -45,7 +45,6 @@ from models.registry import load_module
 from workers.attacks.apgd import APGDSpec, apgd, apgd_t
 from workers.attacks.mifgsm import MIFGSMSpec, mi_fgsm
 
-COMMAND = ".venv/bin/python -m bench.apgd"
 EPS = 0.05  # Linf; at 0.1 every method fools ~100% of this CNN and success rates stop telling apart
 APGD_STEPS = 100  # the AutoAttack default
 RESTARTS = 1
@@ -254,7 +253,7 @@ def notes(bench: Bench, rows: list[Row]) -> list[str]:
 
 def metadata(bench: Bench, args: argparse.Namespace, wall: float) -> dict[str, Any]:
     return {
-        "model": MODEL, "split": SPLIT, "command": " ".join([COMMAND, *sys.argv[1:]]),
+        "model": MODEL, "split": SPLIT, "command": command_line("apgd", None),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "n": len(bench.x), "peer_n": min(args.peer_n or len(bench.x), len(bench.x)), "chunk": bench.chunk,

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -37,7 +38,15 @@ from workers.classifier import Classifier
 
 MODEL = os.environ.get("ADVERSA_BENCH_MODEL", "fmnist-cnn")  # every bench module reads it
 SPLIT = "fashion-mnist:test"
-COMMAND = "make bench  (= .venv/bin/python -m bench.attacks)"
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that made a result file: the model's variable when not the default, then the
+    module and its arguments (``argv``; ``sys.argv[1:]`` when None)."""
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    prefix = f"ADVERSA_BENCH_MODEL={MODEL} " if MODEL != "fmnist-cnn" else ""
+    return f"{prefix}.venv/bin/python -m bench.{module} {args}".strip()
+
 EPS = 0.1
 PGD_STEPS = 20
 PGD_ALPHA = 0.01
@@ -170,25 +179,40 @@ def busy_seconds() -> float | None:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def timed(fn: Callable[[], T], repeats: int, warm_up: bool = True) -> tuple[T, float, float | None]:
-    """``fn()``'s result, its median wall time over ``repeats`` runs, and the mean number of CPU cores
-    other processes kept busy meanwhile (a contention flag: near 0 on a quiet machine).
+def time_round_robin(onces: list[Callable[[], Any]], repeats: int,
+                     warm_up: bool = True) -> list[tuple[Any, float, float | None]]:
+    """Run every ``once`` ``repeats`` times, round-robin (1, 2, ..., 1, 2, ...), and give each one's
+    last result, its median wall time and the mean number of CPU cores other processes kept busy
+    while it ran (a contention flag: near 0 on a quiet machine). The one timer of the benches.
 
-    One untimed run first (``warm_up``): without it, whichever row ran first paid for the allocator
-    and autograd warm-up (measured: our FGSM 1.4x torchattacks in the table, equal in isolation)."""
-    times: list[float] = []
-    result = fn() if warm_up and repeats > 1 else None
-    busy0, cpu0 = busy_seconds(), time.process_time()
+    Round-robin because the machine's speed drifts by tens of percent over minutes: timing rows one
+    after the other let that drift decide comparisons. One untimed run of each first when
+    ``warm_up`` and ``repeats > 1``: without it, whichever row ran first paid for the allocator and
+    autograd warm-up (measured: our FGSM 1.4x torchattacks in the table, equal in isolation)."""
+    results = [once() if warm_up and repeats > 1 else None for once in onces]
+    times: list[list[float]] = [[] for _ in onces]
+    others = [0.0 for _ in onces]
+    known = True
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    busy1, cpu1 = busy_seconds(), time.process_time()
-    wall = sum(times)
-    others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - (cpu1 - cpu0)) / wall)
-    assert result is not None
-    return result, statistics.median(times), others
+        for i, once in enumerate(onces):
+            busy0, cpu0 = busy_seconds(), time.process_time()
+            start = time.perf_counter()
+            results[i] = once()
+            times[i].append(time.perf_counter() - start)
+            busy1, cpu1 = busy_seconds(), time.process_time()
+            if busy0 is None or busy1 is None:
+                known = False
+            else:
+                others[i] += max(0.0, busy1 - busy0 - (cpu1 - cpu0))
+    return [(results[i], statistics.median(times[i]), others[i] / sum(times[i]) if known else None)
+            for i in range(len(onces))]
 
+
+def timed(fn: Callable[[], T], repeats: int, warm_up: bool = True) -> tuple[T, float, float | None]:
+    """``fn()``'s result, its median wall time over ``repeats`` runs and the other load (see
+    ``time_round_robin``)."""
+    result, seconds, others = time_round_robin([fn], repeats, warm_up)[0]
+    return result, seconds, others
 
 
 @dataclass(frozen=True)
@@ -200,27 +224,10 @@ class Pending:
 
 
 def run_interleaved(pending: list[Pending], repeats: int) -> list[Run]:
-    """Time every row ``repeats`` times, round-robin (row 1, row 2, ..., row 1, row 2, ...), and keep
-    each row's median: the machine's speed drifts by tens of percent over minutes, and timing the
-    rows one after the other let that drift decide comparisons. One untimed warm-up run per row
-    first when ``repeats > 1`` (as ``timed``)."""
-    results = [p.once() if repeats > 1 else None for p in pending]
-    times: list[list[float]] = [[] for _ in pending]
-    others = [0.0 for _ in pending]
-    known = True
-    for _ in range(repeats):
-        for i, p in enumerate(pending):
-            busy0, cpu0 = busy_seconds(), time.process_time()
-            start = time.perf_counter()
-            results[i] = p.once()
-            times[i].append(time.perf_counter() - start)
-            busy1, cpu1 = busy_seconds(), time.process_time()
-            if busy0 is None or busy1 is None:
-                known = False
-            else:
-                others[i] += max(0.0, busy1 - busy0 - (cpu1 - cpu0))
-    return [p.finish(results[i], statistics.median(times[i]), others[i] / sum(times[i]) if known else None)
-            for i, p in enumerate(pending)]
+    """Time every row ``repeats`` times, round-robin, and keep each row's median (``time_round_robin``)."""
+    measured = time_round_robin([p.once for p in pending], repeats)
+    return [p.finish(result, seconds, others)
+            for p, (result, seconds, others) in zip(pending, measured, strict=True)]
 
 
 def adversa_pending(bench: Bench, attack: str, kernel: Kernel, spec: Any, nominal: int | None) -> Pending:
@@ -504,7 +511,7 @@ def notes(bench: Bench, rows: list[Row]) -> list[str]:
 
 def metadata(bench: Bench, args: argparse.Namespace, wall: float) -> dict[str, Any]:
     return {
-        "model": MODEL, "split": SPLIT, "command": COMMAND,
+        "model": MODEL, "split": SPLIT, "command": args.command,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "n": len(bench.x), "chunk": bench.chunk, "clean_accuracy": float(bench.correct.float().mean()),
@@ -521,7 +528,7 @@ def write(out: Path, meta: dict[str, Any], rows: list[Row], text_table: str, not
     stem = out / f"attacks-{MODEL}"
     md = [
         f"# Attack benchmark: {MODEL}", "",
-        f"Command: `{COMMAND}`", "",
+        f"Command: `{meta['command']}`", "",
         f"- date: {meta['date']}",
         f"- torch {meta['torch']}, CPU, {meta['threads']} threads ({meta['cpu_count']} cores)",
         f"- {meta['n']} images of {SPLIT} (clean accuracy {meta['clean_accuracy']:.1%}), "
@@ -554,6 +561,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     global MODEL
     MODEL = args.model
+    args.command = command_line("attacks", argv)
     start = time.perf_counter()
     bench = load(args.n, args.chunk, FB_REPS, args.repeats)
     pending = all_pendings(bench, args.skip_torchattacks)

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.attacks import MODEL, SEED, SPLIT, fmt, median_or_none, timed
+from bench.attacks import MODEL, SEED, SPLIT, command_line, fmt, median_or_none, timed
 from models.datasets import load_split
 from models.manifest import CardIndex
 from models.registry import load_module
@@ -37,7 +36,6 @@ from workers.attacks.hop_skip_jump import HopSkipJumpSpec, hop_skip_jump
 from workers.attacks.square import SquareSpec, square
 from workers.classifier import Classifier
 
-COMMAND = ".venv/bin/python -m bench.blackbox"
 SQUARE_EPS = {"linf": 0.1, "l2": 1.5}
 SQUARE_P = {"linf": 0.8, "l2": 0.1}  # the paper's / libraries' defaults per norm
 SQUARE_QUERIES = 5000
@@ -456,7 +454,7 @@ def notes(bench: Bench, rows: list[Row], meta: dict[str, Any]) -> list[str]:
 def metadata(bench: Bench, args: argparse.Namespace, wall: float) -> dict[str, Any]:
     n = len(bench.x)
     return {
-        "model": MODEL, "split": SPLIT, "command": " ".join([COMMAND, *sys.argv[1:]]),
+        "model": MODEL, "split": SPLIT, "command": command_line("blackbox", None),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "n": n, "peer_n": min(args.peer_n, n), "hsj_n": min(args.hsj_n, n), "chunk": bench.chunk,

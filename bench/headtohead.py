@@ -227,16 +227,20 @@ def head_to_head(pair: Pair, x: torch.Tensor, y: torch.Tensor) -> Result:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--chunks", type=int, default=4,
+                        help="at most this many chunks per pair and per cost ratio (default 4; 2 for the "
+                             "ResNet-18, whose slow peers take minutes a chunk)")
     parser.add_argument("--only", default="", help="comma-separated attacks to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    bench = base.load(4 * args.chunk, args.chunk, base.FB_REPS, 1)
+    bench = base.load(args.chunks * args.chunk, args.chunk, base.FB_REPS, 1)
     wanted = {a for a in args.only.split(",") if a}
     results = []
     for pair in pairs(bench.model, args.chunk):
         if wanted and pair.attack not in wanted:
             continue
+        pair = replace(pair, chunks=min(pair.chunks, args.chunks))
         result = head_to_head(pair, bench.x, bench.y)
         results.append(result)
         print(f"{result.attack} {result.settings} vs {result.peer}: {result.ours_seconds:.2f} s / "
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     if not wanted or "cost" in wanted:
         for attack, kernel, spec, steps in cost_ratios(bench.model, args.chunk):
             c = cost(attack, kernel_fn(bench.model, kernel, spec), bench.model.module, steps, bench.x, bench.y,
-                     args.chunk, 4)
+                     args.chunk, args.chunks)
             costs.append(c)
             print(f"cost ratio {attack}: {c.attack_seconds:.2f} s / {c.limit_seconds:.2f} s = {c.ratio:.2f}",
                   flush=True)
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                   "limit |", "|---|---|---|---|---|---|---|"]
     cost_lines += [f"| {c.attack} | {c.steps} | {c.n} | {c.attack_seconds:.2f} | {c.limit_seconds:.2f} | "
                    f"{c.ratio:.2f} | <= 1.15 |" for c in costs]
-    command = ".venv/bin/python -m bench.headtohead" + (f" --only {args.only}" if args.only else "")
+    command = base.command_line("headtohead", argv)
     if wanted:
         command += " (these rows re-measured; the others kept from the previous full run)"
     meta = {"model": base.MODEL, "command": command,
@@ -285,9 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         *lines, "",
         "## Cost ratios", "",
         "Attack seconds / seconds of (nominal steps x one bare cross-entropy forward+backward of the same "
-        "chunk), the two alternating chunk by chunk on 4 chunks. '(no early stop)': every sample runs every "
-        "step, so the ratio is the kernel's own overhead; without the mark, the kernel's defaults (early "
-        "stop), so the ratio also counts the steps it saves.", "",
+        f"chunk), the two alternating chunk by chunk on {args.chunks} chunks. '(no early stop)': every "
+        "sample runs every step, so the ratio is the kernel's own overhead; without the mark, the kernel's "
+        "defaults (early stop), so the ratio also counts the steps it saves.", "",
         *cost_lines, ""]))
     stem.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "rows": [asdict(r) for r in results], "costs": [asdict(c) for c in costs]},

@@ -12,13 +12,12 @@ those images for the side-by-side comparison. Writes ``jsma-fmnist-cnn.md`` and 
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 import torch
 
-from bench.attacks import FB_REPS, Bench, Run, load, remeasure
+from bench.attacks import FB_REPS, Bench, Run, command_line, load, remeasure
 from bench.cw import (
     PeerRow,
     common_notes,
@@ -130,7 +129,7 @@ def jsma_notes(rows: dict[str, PeerRow]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv, default_peer_n=128)
-    command = ".venv/bin/python -m bench.jsma " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("jsma", argv)
     start = time.perf_counter()
     bench = load(args.n, args.chunk, FB_REPS, args.repeats)
     print(table([]).splitlines()[0])

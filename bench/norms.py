@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         *[f"* {r.implementation} {r.attack} ({r.batching}): {r.note}." for r in rows if r.note],
     ]
     text = base.table(rows)
-    meta = {"model": base.MODEL, "command": "make bench  (= .venv/bin/python -m bench.norms)",
+    meta = {"model": base.MODEL, "command": base.command_line("norms", argv),
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "n": len(bench.x), "chunk": bench.chunk,
             "t_fb_seconds": bench.t_fb, "wall_seconds": time.perf_counter() - start,

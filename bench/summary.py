@@ -86,7 +86,9 @@ def pairs(model: str, benches: dict[str, list[Row]]) -> list[Pair]:
     for name, rows in benches.items():
         if name.startswith("headtohead"):
             continue
-        ours = [r for r in rows if r["implementation"] == OURS]
+        # Diagnostic rows (a peer's quirk put into our kernel, to explain a difference) are not ours to judge.
+        ours = [r for r in rows
+                if r["implementation"] == OURS and not (r.get("note") or "").startswith("diagnostic")]
         for peer in (r for r in rows if r["implementation"] != OURS):
             mine = [r for r in ours if key(r) == key(peer)]
             if family(peer["attack"]) == "JSMA":  # the peers' JSMA is the probabilities one
