@@ -47,9 +47,13 @@ bench: install data $(BENCH_STAMP)
 	$(BIN)/python -m bench.cw
 	$(BIN)/python -m bench.jsma
 	$(BIN)/python -m bench.blackbox --hsj-n 64 --peer-n 32
+	$(BIN)/python -m bench.headtohead
+	$(BIN)/python -m bench.onediff
+	$(BIN)/python -m bench.layout
 	set -e; for m in $(BENCH_MODULES); do ADVERSA_BENCH_MODEL=fmnist-resnet18 \
 		$(BIN)/python -m bench.$$m --n $(RESNET_N) --peer-n 8 --repeats 1 \
 		$$( [ $$m = blackbox ] && echo --hsj-n 8 ); done
+	ADVERSA_BENCH_MODEL=fmnist-resnet18 $(BIN)/python -m bench.headtohead --chunk 32 --chunks 2
 	$(BIN)/python -m bench.summary
 
 install: $(STAMP)
