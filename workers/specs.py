@@ -117,7 +117,8 @@ class CarliniWagnerL2Params(Targeting):
     abort_hopeless: bool = Field(default=True, description="with abort_early: also stop a search step "
                                                            "whose margin trend cannot reach the goal")
     warm_start: bool = Field(default=True, description="start each search step from the best "
-                                                       "adversarial example so far")
+                                                       "adversarial example so far, or, while there is "
+                                                       "none, from where the last search step stopped")
 
 
 class JSMAParams(Targeting):
