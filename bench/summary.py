@@ -69,6 +69,15 @@ def load(results: Path) -> dict[str, dict[str, list[Row]]]:
         found.setdefault(model, {})[bench] = payload["rows"]
         if bench == "headtohead":
             found[model]["headtohead-costs"] = payload.get("costs", [])
+    for path in sorted(results.glob("onediff-*.json")):
+        payload = json.loads(path.read_text())
+        model = path.stem.partition("-")[2]
+        found.setdefault(model, {})["seeds"] = [
+            {"attack": attack, "norm": norm, "seeds": len(rows),
+             "adversa": sum(r["adversa"] for r in rows) / len(rows),
+             "peer": sum(r["torchattacks"] for r in rows) / len(rows)}
+            for attack, norm, rows in (("APGD-T", "", payload.get("apgd_t", [])),
+                                       ("PGD", "l2", payload.get("pgd_l2", []))) if rows]
     return found
 
 
@@ -84,7 +93,7 @@ def key(row: Row) -> tuple[str, str, str]:
 def pairs(model: str, benches: dict[str, list[Row]]) -> list[Pair]:
     out = []
     for name, rows in benches.items():
-        if name.startswith("headtohead"):
+        if name.startswith("headtohead") or name == "seeds":
             continue
         # Diagnostic rows (a peer's quirk put into our kernel, to explain a difference) are not ours to judge.
         ours = [r for r in rows
@@ -116,9 +125,12 @@ def minimised(pair: Pair) -> str:
 
 def head_to_head(pair: Pair, h2h: list[Row]) -> float | None:
     """The chunk-alternating speed-up of the same attack, setting and peer (``bench.headtohead``)."""
-    if pair.peer.get("norm") not in (None, "", "linf") or "one call" in pair.peer["batching"]:
+    if "one call" in pair.peer["batching"]:
         return None
+    norm = pair.peer.get("norm") or ""
     for r in h2h:
+        if norm and norm not in (r["settings"] or ""):  # a head-to-head row names its norm when not the default
+            continue
         same_setting = (pair.settings or "")[:3] == (r["settings"] or "")[:3] or pair.attack != "C&W"
         abort = ("no abort" in (pair.settings or "")) == ("no abort" in (r["settings"] or ""))
         if (r["attack"] == pair.attack and r["peer"].lower() == pair.peer["implementation"].lower()
@@ -136,8 +148,19 @@ def peer_success(peer: Row) -> float:
     return float(peer["success_rate"]) - int(match.group(1)) / max(int(peer["attacked"]), 1)
 
 
-def verdict(pair: Pair, h2h: list[Row]) -> tuple[str, str]:
-    """(target, verdict) for one pair; the speed-up is the head-to-head one where measured."""
+def over_seeds(pair: Pair, seeds: list[Row]) -> Row | None:
+    """``bench.onediff``'s mean over several seeds for this randomised attack against torchattacks
+    in chunks, where measured."""
+    if pair.peer["implementation"] != "torchattacks" or "one call" in pair.peer["batching"]:
+        return None
+    return next((r for r in seeds if r["attack"] == pair.attack and r["norm"] == (pair.peer.get("norm") or "")),
+                None)
+
+
+def verdict(pair: Pair, h2h: list[Row], seeds: list[Row] | None = None) -> tuple[str, str]:
+    """(target, verdict) for one pair; the speed-up is the head-to-head one where measured. A success
+    rate below the peer's in this one run is judged on the mean over seeds where ``bench.onediff``
+    measured it (a random start decides single images)."""
     ours, peer, quality = pair.speed, pair.peer, pair.quality
     speedup = ours["images_per_s"] / peer["images_per_s"] if peer.get("images_per_s") else None
     speedup = head_to_head(pair, h2h) or speedup
@@ -149,10 +172,17 @@ def verdict(pair: Pair, h2h: list[Row]) -> tuple[str, str]:
     problems = []
     if speedup is None or speedup < target:
         problems.append(f"speed {speedup:.2f}x < {target:g}x" if speedup else "peer not timed")
+    seeded = over_seeds(pair, seeds or [])
+    notes = []
     if quality["success_rate"] + 1e-9 < peer_success(peer):
         gap = round((peer_success(peer) - quality["success_rate"]) * peer["attacked"])
-        problems.append(f"success {quality['success_rate']:.1%} < {peer_success(peer):.1%} "
-                        f"({gap} image{'s' if gap != 1 else ''} of {peer['attacked']})")
+        text = (f"success {quality['success_rate']:.1%} < {peer_success(peer):.1%} "
+                f"({gap} image{'s' if gap != 1 else ''} of {peer['attacked']})")
+        if seeded and seeded["adversa"] + 1e-9 >= seeded["peer"]:
+            notes.append(f"{text} in this run; over {seeded['seeds']} seeds {seeded['adversa']:.1f} images "
+                         f"fooled against {seeded['peer']:.1f} (`onediff`)")
+        else:
+            problems.append(text)
     if pair.attack == "DeepFool" and ours["success_rate"] < MIN_DEEPFOOL_SUCCESS:
         problems.append(f"success {ours['success_rate']:.1%} < 99%")
     measure = minimised(pair)
@@ -162,21 +192,23 @@ def verdict(pair: Pair, h2h: list[Row]) -> tuple[str, str]:
     text = f">= {target:g}x"
     if pair.attack in MINIMAL:
         text += f", {measure.split('_')[1].capitalize()} <= 1.05x"
-    return text, "met" if not problems else "NOT met: " + "; ".join(problems)
+    if problems:
+        return text, "NOT met: " + "; ".join(problems)
+    return text, "met" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def pair_table(found: list[Pair], h2h: list[Row]) -> list[str]:
+def pair_table(found: list[Pair], h2h: list[Row], seeds: list[Row]) -> list[str]:
     lines = ["| attack | settings | peer | adversa images/s | peer images/s | speed-up (rows) | "
              "speed-up (head to head) | "
              "success adversa / peer (same images) | median norm adversa / peer (same images) | "
              "target | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in found:
-        target, result = verdict(p, h2h)
+        target, result = verdict(p, h2h, seeds)
         direct = head_to_head(p, h2h)
         peer_ips = p.peer.get("images_per_s")
         speedup = p.speed["images_per_s"] / peer_ips if peer_ips else None
@@ -206,7 +238,7 @@ def cost_table(benches: dict[str, list[Row]], costs: list[Row]) -> list[str]:
     lines = ["| attack | full-budget cost ratio | cost ratio per gradient spent | limit | verdict |",
              "|---|---|---|---|---|"]
     for name, rows in benches.items():
-        if name.startswith("headtohead"):
+        if name.startswith("headtohead") or name == "seeds":
             continue
         for r in rows:
             if r["implementation"] != OURS or r["attack"].split(" (")[0] not in COST_RATIO_ATTACKS:
@@ -229,11 +261,13 @@ def render(found: dict[str, dict[str, list[Row]]]) -> str:
           "same images (`bench.headtohead`, immune to the VM's drift): the verdict uses it where measured. "
           "Success and median norms are compared on the peer's images (Adversa's row on the same subset "
           "where the peer ran fewer images); Foolbox C&W's all-zero 'nothing found' images are not "
-          "counted as successes. "
-          "'for information': the issue sets no speed target for that attack.", ""]
+          "counted as successes. A success rate a few images below the peer's is judged on the mean over "
+          "several seeds where `bench.onediff` measured it (random starts decide single images). "
+          "'for information': the issue sets no speed target for that attack. Why each unmet target is "
+          "unmet, and what explains each difference: `README.md` here.", ""]
     for model, benches in found.items():
         h2h = benches.get("headtohead", [])
-        md += [f"## {model}", "", *pair_table(pairs(model, benches), h2h), "",
+        md += [f"## {model}", "", *pair_table(pairs(model, benches), h2h, benches.get("seeds", [])), "",
                "Cost ratios (Adversa; limit = nominal steps x one forward+backward of the chunk):", "",
                *cost_table(benches, benches.get("headtohead-costs", [])), ""]
     return "\n".join(md)
