@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests.unit.support import fmnist_test, hosted
-from workers.attacks.base import flat_norm
+from workers.attacks.base import flat_norm, random_start
 from workers.attacks.deepfool import DeepFoolSpec, deepfool
 from workers.attacks.fgsm import FGSMSpec, fgsm
 from workers.attacks.pgd import PGDSpec, pgd
@@ -139,3 +139,19 @@ def test_deepfool_breaks_the_cnn_with_small_perturbations(
     assert ((pred != y) | ~correct).all()
     assert torch.equal(out.success, pred != y)
     assert flat_norm(out.x_adv - x, "l2")[correct].median() < 1.5
+
+
+def test_l2_random_start_spreads_its_radius_over_the_ball() -> None:
+    # A radius uniform in the ball's volume sits at eps * u ** (1 / 784), above 0.99 eps for almost
+    # every draw, and that noise then takes part of the budget; the start's radius is uniform in
+    # [0, eps] instead, in a uniformly random direction.
+    x = torch.zeros(4000, 1, 28, 28)
+    noise = random_start(x, 1.5, "l2", torch.Generator().manual_seed(0))
+    radius = flat_norm(noise, "l2")
+    assert (radius <= 1.5 + 1e-5).all()
+    assert abs(float(radius.median()) - 0.75) < 0.05
+    assert float((radius < 0.75).float().mean()) == pytest.approx(0.5, abs=0.03)
+    directions = noise.flatten(1) / radius[:, None]
+    assert float(directions.mean(dim=0).norm()) < 0.05  # no preferred direction
+    linf = random_start(x, 0.1, "linf", torch.Generator().manual_seed(0))
+    assert float(linf.abs().max()) <= 0.1 and float(linf.abs().mean()) == pytest.approx(0.05, abs=0.002)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -162,3 +164,26 @@ def test_breaks_the_cnn_with_small_l2(fmnist: tuple[Classifier, torch.Tensor, to
     assert out.x_adv.min() >= 0 and out.x_adv.max() <= 1
     # DeepFool needs about 0.6 on this model; C&W is a minimal-perturbation attack too.
     assert flat_norm(out.x_adv - x, "l2")[out.success & correct].median() < 0.9
+
+
+def test_a_failed_search_step_is_continued_not_restarted() -> None:
+    # Class 1 needs every pixel above about 0.9, from 0.5: 1.1 in tanh space. Adam moves about
+    # learning_rate per iteration, so one search step of 20 iterations gets no further than 0.6
+    # from x, whatever c is; only search steps that go on from where the last one stopped get there.
+    module = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).double().eval()
+    with torch.no_grad():
+        module[1].weight.copy_(torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
+        module[1].bias.copy_(torch.tensor([0.0, -3.6]))
+    module.requires_grad_(False)
+    model = Classifier(module, 2, (1, 2, 2), (0.0, 1.0), "far")
+    x = torch.full((3, 1, 2, 2), 0.5, dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.int64)
+    spec = CarliniWagnerL2Spec(binary_search_steps=9, max_iter=20, learning_rate=0.01, initial_const=100.0,
+                               abort_early=False)
+    restarted = carlini_wagner_l2(model, x, y, replace(spec, warm_start=False))
+    continued = carlini_wagner_l2(model, x, y, spec)
+    assert not restarted.success.any()
+    assert torch.equal(restarted.x_adv, x)
+    assert continued.success.all()
+    assert (continued.x_adv.flatten(1).sum(dim=1) > 3.6).all()
+    assert ((continued.x_adv >= 0) & (continued.x_adv <= 1)).all()
