@@ -38,15 +38,6 @@ from workers.classifier import Classifier
 
 MODEL = os.environ.get("ADVERSA_BENCH_MODEL", "fmnist-cnn")  # every bench module reads it
 SPLIT = "fashion-mnist:test"
-
-
-def command_line(module: str, argv: list[str] | None) -> str:
-    """The command that made a result file: the model's variable when not the default, then the
-    module and its arguments (``argv``; ``sys.argv[1:]`` when None)."""
-    args = " ".join(sys.argv[1:] if argv is None else argv)
-    prefix = f"ADVERSA_BENCH_MODEL={MODEL} " if MODEL != "fmnist-cnn" else ""
-    return f"{prefix}.venv/bin/python -m bench.{module} {args}".strip()
-
 EPS = 0.1
 PGD_STEPS = 20
 PGD_ALPHA = 0.01
@@ -61,6 +52,14 @@ REPEATS = 3
 Kernel = Callable[..., AttackOutput]
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 T = TypeVar("T")
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that made a result file: the model's variable when not the default, then the
+    module and its arguments (``argv``; ``sys.argv[1:]`` when None)."""
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    prefix = f"ADVERSA_BENCH_MODEL={MODEL} " if MODEL != "fmnist-cnn" else ""
+    return f"{prefix}.venv/bin/python -m bench.{module} {args}".strip()
 
 
 @dataclass(frozen=True)
