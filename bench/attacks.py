@@ -149,14 +149,20 @@ def predict(module: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
         return torch.cat([module(part).argmax(dim=1) for part in x.split(chunk)])
 
 
+def forward_backward(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One bare cross-entropy forward+backward of ``x`` (gradient with respect to the input only):
+    the unit the cost ratios and the layout bench measure against."""
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        torch.autograd.grad(F.cross_entropy(module(xg), y, reduction="sum"), xg)
+
+
 def time_forward_backward(module: nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int) -> float:
     """Median seconds of one cross-entropy forward+backward (gradient w.r.t. the input) of ``x``."""
 
     def once() -> float:
         start = time.perf_counter()
-        xg = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            torch.autograd.grad(F.cross_entropy(module(xg), y, reduction="sum"), xg)
+        forward_backward(module, x, y)
         return time.perf_counter() - start
 
     for _ in range(2):

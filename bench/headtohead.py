@@ -178,6 +178,22 @@ def cost_ratios(model: Any, chunk: int) -> list[tuple[str, Callable[..., Any], A
     ]
 
 
+def alternating(first: Fn, second: Fn, x: torch.Tensor, y: torch.Tensor, chunk: int,
+                chunks: int) -> tuple[float, float]:
+    """Seconds of ``first`` and of ``second`` over the same ``chunks`` chunks, timed chunk by chunk,
+    the order alternating (``first`` first on even chunks); one warm-up call of each on 8 images."""
+    first(x[:8], y[:8])
+    second(x[:8], y[:8])
+    totals = [0.0, 0.0]
+    for i in range(chunks):
+        xc, yc = x[i * chunk:(i + 1) * chunk], y[i * chunk:(i + 1) * chunk]
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            (first, second)[which](xc, yc)
+            totals[which] += time.perf_counter() - start
+    return totals[0], totals[1]
+
+
 def cost(attack: str, fn: Fn, module: nn.Module, steps: int, x: torch.Tensor, y: torch.Tensor, chunk: int,
          chunks: int) -> Cost:
     """Attack seconds over the seconds of ``steps`` bare cross-entropy forward+backward passes (gradient
@@ -185,41 +201,14 @@ def cost(attack: str, fn: Fn, module: nn.Module, steps: int, x: torch.Tensor, y:
 
     def limit(xc: torch.Tensor, yc: torch.Tensor) -> None:
         for _ in range(steps):
-            xg = xc.detach().requires_grad_(True)
-            with torch.enable_grad():
-                torch.autograd.grad(torch.nn.functional.cross_entropy(module(xg), yc, reduction="sum"), xg)
+            base.forward_backward(module, xc, yc)
 
-    fn(x[:8], y[:8])
-    limit(x[:8], y[:8])
-    t_attack = t_limit = 0.0
-    for i in range(chunks):
-        xc, yc = x[i * chunk:(i + 1) * chunk], y[i * chunk:(i + 1) * chunk]
-        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-            start = time.perf_counter()
-            (fn if which == 0 else limit)(xc, yc)
-            if which == 0:
-                t_attack += time.perf_counter() - start
-            else:
-                t_limit += time.perf_counter() - start
+    t_attack, t_limit = alternating(fn, limit, x, y, chunk, chunks)
     return Cost(attack, steps, chunks * chunk, t_attack, t_limit, t_attack / t_limit)
 
 
 def head_to_head(pair: Pair, x: torch.Tensor, y: torch.Tensor) -> Result:
-    ours, theirs = pair.ours(), pair.theirs()
-    ours(x[:8], y[:8])  # warm-up of both sides on a few images
-    theirs(x[:8], y[:8])
-    t_ours = t_peer = 0.0
-    for i in range(pair.chunks):
-        xc, yc = x[i * pair.chunk:(i + 1) * pair.chunk], y[i * pair.chunk:(i + 1) * pair.chunk]
-        order = (ours, theirs) if i % 2 == 0 else (theirs, ours)
-        for fn in order:
-            start = time.perf_counter()
-            fn(xc, yc)
-            elapsed = time.perf_counter() - start
-            if fn is ours:
-                t_ours += elapsed
-            else:
-                t_peer += elapsed
+    t_ours, t_peer = alternating(pair.ours(), pair.theirs(), x, y, pair.chunk, pair.chunks)
     return Result(pair.attack, pair.settings, pair.peer, pair.chunks * pair.chunk, pair.chunk, t_ours, t_peer,
                   t_peer / t_ours, pair.target)
 

@@ -51,8 +51,7 @@ def rows_to_time(bench: base.Bench) -> list[tuple[str, str, str, Callable[[], An
         peer = base.fresh_module().to(memory_format=fmt)
 
         def bare(m: nn.Module = module) -> None:
-            xg = x.detach().requires_grad_(True)
-            torch.autograd.grad(torch.nn.functional.cross_entropy(m(xg), y, reduction="sum"), xg)
+            base.forward_backward(m, x, y)
 
         fb_deepfool = peer_lib.foolbox_makers(base.EPS, base.PGD_STEPS, base.PGD_ALPHA, base.DF_STEPS,
                                               base.DF_OVERSHOOT)["DeepFool"][0](peer)

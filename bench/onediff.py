@@ -35,7 +35,7 @@ from torch import nn
 from bench import apgd as apgd_bench
 from bench import cw as cw_bench
 from bench import norms as norms_bench
-from bench.attacks import FB_REPS, MODEL, Bench, command_line, load, predict
+from bench.attacks import FB_REPS, MODEL, Bench, command_line, load, predict, success_rate
 from workers.attacks.apgd import apgd_t
 from workers.attacks.cw import CarliniWagnerL2Spec, carlini_wagner_l2
 from workers.attacks.pgd import PGDSpec, pgd
@@ -44,8 +44,7 @@ from workers.attacks.pgd import PGDSpec, pgd
 def fooled(bench: Bench, x_adv: torch.Tensor) -> torch.Tensor:
     """Per image: initially correct and misclassified after clipping to [0, 1]."""
     m = len(x_adv)
-    pred = predict(bench.judge, x_adv.detach().clamp(0.0, 1.0), bench.chunk)
-    return bench.correct[:m] & pred.ne(bench.y[:m])
+    return success_rate(bench, x_adv.detach().clamp(0.0, 1.0), bench.correct[:m], bench.y[:m])
 
 
 Side = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -158,8 +157,8 @@ def report(meta: dict[str, Any], seeds: list[dict[str, Any]], pgd_seeds: list[di
     lines += seeds_table(f"## L2 PGD (eps {norms_bench.EPS_L2}, {norms_bench.PGD_STEPS} steps of "
                          f"{norms_bench.PGD_ALPHA_L2}, random start) against torchattacks' PGDL2, chunks of "
                          f"{meta['chunk']}, {meta['n']} images", pgd_seeds, meta["attacked"])
-    lines += ["", f"## C&W L2 (B) against ART on the first {cw.get('n', 0)} images", ""]
     if cw:
+        lines += ["", f"## C&W L2 (B) against ART on the first {cw['n']} images", ""]
         lines.append(f"Fooled: Adversa {cw['adversa']}, ART {cw['art']}; only ART: images {cw['only_art']}; "
                      f"only Adversa: images {cw['only_adversa']}.")
         if cw["variants"]:
