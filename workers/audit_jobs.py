@@ -247,8 +247,8 @@ def _report_samples(chunks: list[Chunk], grids: dict[str, list[float]], check_ep
                     bounds: tuple[float, float]) -> ReportSamples | None:
     """Up to 8 samples broken at the report eps (the first norm's check eps, else its largest),
     with their worst-case examples, for the image grid."""
+    first = chunks[0]
     for norm, grid in grids.items():
-        first = chunks[0]
         if norm not in first.images or first.clean_images is None:
             continue
         e = min(range(len(grid)), key=lambda i: abs(grid[i] - check_eps.get(norm, grid[-1])))

@@ -369,14 +369,14 @@ def _run_predict(spec: PredictJob, job: Job | None) -> dict[str, Any]:
     card, model = ctx.cache.get(spec.model)
     array = np.load(io.BytesIO(base64.b64decode(spec.array)), allow_pickle=False)
     x = torch.from_numpy(array.astype(np.float32, copy=False)).to(model.device)
+
+    def outputs(logits: torch.Tensor) -> dict[str, Any]:
+        return {"model": card.ref, "logits": logits.cpu().tolist(),
+                "probabilities": logits.softmax(dim=1).cpu().tolist(),
+                "labels": logits.argmax(dim=1).cpu().tolist()}
+
     if not spec.reject:
-        logits = model.predict(x, 256)
-        return {
-            "model": card.ref,
-            "logits": logits.cpu().tolist(),
-            "probabilities": logits.softmax(dim=1).cpu().tolist(),
-            "labels": logits.argmax(dim=1).cpu().tolist(),
-        }
+        return outputs(model.predict(x, 256))
     detector = ctx.cache.index.detector(card, spec.team)
     if detector is None:
         raise JobFailure(f"{card.ref} has no calibrated detector", "no-detector")
@@ -384,10 +384,7 @@ def _run_predict(spec: PredictJob, job: Job | None) -> dict[str, Any]:
                                                batch_size=256)
     model.queries += x.shape[0] * (1 + len(detector.squeezers))
     return {
-        "model": card.ref,
-        "logits": logits.cpu().tolist(),
-        "probabilities": logits.softmax(dim=1).cpu().tolist(),
-        "labels": logits.argmax(dim=1).cpu().tolist(),
+        **outputs(logits),
         "scores": scores.cpu().tolist(),
         "threshold": detector.threshold,
         "rejected": (scores > detector.threshold).cpu().tolist(),

@@ -189,7 +189,7 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
     counters["median_gradient_norm"] = float(grad_norms.median()) if grad_norms.numel() else 0.0
 
     result = Chunk(labels=y.cpu().numpy(), clean_pred=clean_pred.cpu().numpy(),
-                         bpda=not model.differentiable, eot=eot)
+                   bpda=not model.differentiable, eot=eot)
     keep = min(plan.keep_images, n)
     result.clean_images = x[:keep].cpu().numpy()
     for norm, grid in plan.grids.items():
