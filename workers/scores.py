@@ -14,6 +14,8 @@ import torch
 from workers.attacks.base import flat_norm
 from workers.classifier import Classifier
 
+# A feature counts as changed in L0 when it moved by more than this fraction of the bounds' range:
+# float32 noise scales with the values (about 1.5e-5 at 255), so the tolerance must too.
 L0_TOLERANCE = 1e-6
 
 
@@ -56,13 +58,14 @@ def evaluate(
     eligible = (clean_pred == y) & (targets != y if targets is not None else True)
     success = eligible & reached
     delta = x_adv - x
+    lo, hi = model.bounds
     return Evaluation(
         adv_pred=adv_pred,
         success=success,
         confidence=probs.gather(1, adv_pred[:, None]).squeeze(1),
         linf=flat_norm(delta, "linf"),
         l2=flat_norm(delta, "l2"),
-        l0=(delta.flatten(1).abs() > L0_TOLERANCE).sum(dim=1).to(x.dtype),
+        l0=(delta.flatten(1).abs() > L0_TOLERANCE * (hi - lo)).sum(dim=1).to(x.dtype),
         rho=flat_norm(delta, "l2") / flat_norm(x, "l2").clamp_min(1e-12),
         eligible=eligible,
     )

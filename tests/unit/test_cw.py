@@ -132,8 +132,10 @@ def test_finds_the_analytic_distance_on_a_linear_model() -> None:
     model = Classifier(module, 5, (1, 4, 5), (-6.0, 6.0), "linear")
     x = 0.3 * torch.randn(32, 1, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = model.logits(x).argmax(1)
+    # c weighs the distance measured in units of the bounds' range (12 here): 1 / 144 is the c = 1
+    # of a distance in input units.
     out = carlini_wagner_l2(model, x, y, CarliniWagnerL2Spec(binary_search_steps=9, max_iter=200,
-                                                              learning_rate=0.005, initial_const=1.0))
+                                                              learning_rate=0.005, initial_const=1.0 / 144))
     layer = module[1]
     logits = x.flatten(1) @ layer.weight.T + layer.bias
     gaps = logits.gather(1, y[:, None]) - logits

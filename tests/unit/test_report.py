@@ -306,7 +306,7 @@ def test_samples_are_checked_for_shape() -> None:
     good = sample_images(k=2)
     with pytest.raises(ValueError, match=r"expected x_adv of shape"):
         ReportSamples(good.x, good.x_adv[:1], good.labels, good.clean_pred, good.adv_pred, "e", (0.0, 1.0))
-    with pytest.raises(ValueError, match=r"expected x of shape \(k, 1 or 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"expected x of shape \(k, C, H, W\)"):
         ReportSamples(good.x[:, :, :, :, None], good.x_adv, good.labels, good.clean_pred, good.adv_pred, "e",
                       (0.0, 1.0))
     with pytest.raises(ValueError, match=r"expected adv_pred of shape \(2,\)"):

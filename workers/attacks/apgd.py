@@ -99,21 +99,34 @@ def checkpoints(steps: int) -> list[int]:
     return [w for w in points if 0 < w < steps]
 
 
+DLR_MIN_CLASSES = 3
+
+
+def check_dlr_classes(num_classes: int) -> None:
+    """The DLR losses need a third logit to measure the scale of the logits by: with two classes
+    the only scale is the margin itself, and the ratio is a constant +-1 without gradient."""
+    if num_classes < DLR_MIN_CLASSES:
+        raise ValueError(f"expected a model with at least {DLR_MIN_CLASSES} classes for the DLR loss "
+                         f"(APGD-DLR, APGD-T), got {num_classes}")
+
+
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample DLR loss ``(n,)``: untargeted without ``targets``, targeted with them.
 
-    Untargeted: ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` (needs 3 classes);
-    targeted: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` (needs 4 classes).
-    Positive exactly when the untargeted goal is reached, whatever the scale of the logits.
+    Untargeted: ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)``;
+    targeted: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``. Both need 3 classes; with
+    exactly 3, the targeted form takes the lowest logit ``z_pi3`` for the missing ``z_pi4`` (the
+    denominator still bounds the numerator, ``|DLR| <= 1``). Positive exactly when the untargeted
+    goal is reached, whatever the scale of the logits.
     """
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     if targets is None:
         top = logits.topk(3, dim=1).values
         best_other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
         return -(z_y - best_other) / (top[:, 0] - top[:, 2] + DLR_TINY)
-    top = logits.topk(4, dim=1).values
+    top = logits.topk(min(4, logits.shape[1]), dim=1).values
     z_t = logits.gather(1, targets[:, None]).squeeze(1)
-    return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + DLR_TINY)
+    return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, -1]) / 2 + DLR_TINY)
 
 
 def ce_per_sample(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -368,7 +381,7 @@ def apgd(
     Targeted (``spec.targeted``): minus the cross-entropy of the target, or the targeted DLR.
 
     Args:
-        model: the classifier; bounds come from it. DLR needs 3 classes (4 when targeted).
+        model: the classifier; bounds come from it. DLR needs 3 classes (``ValueError`` below).
         x: inputs ``(N, C, H, W)`` inside ``model.bounds``.
         y: true labels ``(N,)``.
         spec: see ``APGDSpec``; ``eps`` in input units of ``spec.norm``.
@@ -385,8 +398,7 @@ def apgd(
     """
     check_batch(x, y, targets, spec.targeted)
     if spec.loss == "dlr":
-        need = 4 if spec.targeted else 3
-        assert model.num_classes >= need, f"DLR needs at least {need} classes, got {model.num_classes}"
+        check_dlr_classes(model.num_classes)
     base: LossFn = dlr_loss if spec.loss == "dlr" else ce_per_sample
     loss_targets = targets if spec.targeted else None
     return _attack(model, x, y, spec, lambda _: [loss_targets], base, targets, generator)
@@ -410,7 +422,7 @@ def apgd_t(
     ``spec.loss`` is not used.
 
     Args:
-        model: the classifier (at least 4 classes); bounds come from it.
+        model: the classifier (at least 3 classes, else ``ValueError``); bounds come from it.
         x: inputs ``(N, C, H, W)`` inside ``model.bounds``.
         y: true labels ``(N,)``.
         spec: see ``APGDSpec``; ``eps`` in input units of ``spec.norm``.
@@ -425,7 +437,7 @@ def apgd_t(
         ...              generator=torch.Generator().manual_seed(0))
     """
     check_batch(x, y, targets, spec.targeted)
-    assert model.num_classes >= 4, f"the targeted DLR needs at least 4 classes, got {model.num_classes}"
+    check_dlr_classes(model.num_classes)
     n_targets = max(1, min(spec.n_target_classes, model.num_classes - 1))
 
     def passes(clean: torch.Tensor) -> list[torch.Tensor | None]:

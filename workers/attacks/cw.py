@@ -4,7 +4,8 @@ Carlini, Wagner, "Towards Evaluating the Robustness of Neural Networks", IEEE Sy
 Security and Privacy (S&P) 2017. Minimises ``||x' - x||_2^2 + c * f(x')`` over
 ``x' = lo + (hi - lo) * (tanh(w) + 1) / 2`` (so ``x'`` never leaves the model's bounds) with Adam
 on ``w``, where ``f`` works on logits ``Z``: untargeted ``max(Z_y - max_{i != y} Z_i, -kappa)``,
-targeted ``max(max_{i != t} Z_i - Z_t, -kappa)``.
+targeted ``max(max_{i != t} Z_i - Z_t, -kappa)``. The distance is measured in units of the bounds'
+range, ``hi - lo`` (the paper's on [0, 1] images), so ``c`` means the same whatever the bounds.
 
 The outer binary search gives every sample its own ``c``: multiplied by 10 until the first search
 step that finds an adversarial example, then bisected between the largest failing and the smallest
@@ -133,6 +134,11 @@ def carlini_wagner_l2(
     assert spec.binary_search_steps >= 1 and spec.max_iter >= 1, "expected at least one step"
     lo, hi = model.bounds
     half = (hi - lo) / 2
+    # The distance term is measured in units of the bounds' range, ||(x' - x) / (hi - lo)||^2: the
+    # authors' objective on [0, 1] images, unchanged there, and the same balance against c * f
+    # (logit units) whatever the bounds. In raw input units, [0, 255] inputs would weigh the
+    # distance 65025 times more, and the search over c would spend ~5 of its steps catching up.
+    span2 = (hi - lo) ** 2
     goal = targets if spec.targeted and targets is not None else y
     kappa = spec.confidence
     beta1, beta2 = ADAM_BETAS
@@ -184,7 +190,7 @@ def carlini_wagner_l2(
             queries[idx] += 1
             gradients[idx] += 1
             delta = x_cur - x0
-            l2 = flat_norm(delta, "l2") ** 2
+            l2 = flat_norm(delta, "l2") ** 2 / span2
             margin = _margin(logits, g0, spec.targeted)
             loss = l2 + c * margin.clamp_min(-kappa)
 
@@ -217,7 +223,7 @@ def carlini_wagner_l2(
                         break
 
             # Chain rule through x' = x + half * (tanh(w) - tanh(w_0)); then one Adam step, elementwise.
-            grad_w = (2 * delta + grad_f) * (half * (1 - tanh_w**2))
+            grad_w = (2 * delta / span2 + grad_f) * (half * (1 - tanh_w**2))
             t = it + 1
             m.mul_(beta1).add_(grad_w, alpha=1 - beta1)
             v.mul_(beta2).addcmul_(grad_w, grad_w, value=1 - beta2)

@@ -129,35 +129,45 @@ def deepfool(
             break
         idx, y_act, x_cur = idx[rows], y_act[rows], x_cur[rows]
         cand = candidates[idx, :followed]
+        f = (logits[rows].gather(1, cand) - logits[rows].gather(1, y_act[:, None])).abs()  # (n, c)
+        # Coordinates pinned at a bound cannot move further out: leave them out of the
+        # linearisation, so the step is spent where it can act.
+        at_lo, at_hi = x_cur <= lo, x_cur >= hi
         # Gradients of the logit differences Z_cand - Z_y, one backward pass per followed class;
-        # the rows of samples fooled by this iterate get a zero cotangent.
-        w_list = []
+        # the rows of samples fooled by this iterate get a zero cotangent. Only the gradient of the
+        # nearest boundary so far is kept: memory stays that of one gradient per sample whatever
+        # the number of candidates (1000 classes of 3x224x224 inputs would otherwise hold
+        # candidates x batch x 150528 values at once).
+        norms = []
+        w_best = dist_best = None
         for c in range(followed):
             cot = torch.zeros_like(logits)
             cot[rows, cand[:, c]] = 1.0
             cot[rows, y_act] = -1.0
-            w_list.append(vjp(cot, c == followed - 1)[rows])
-        w = torch.stack(w_list)  # (c, n, C, H, W)
+            w_c = vjp(cot, c == followed - 1)[rows]
+            w_c = w_c.masked_fill((at_lo & (w_c < 0)) | (at_hi & (w_c > 0)), 0.0)
+            # Dual norm of the step's norm: L2 for L2, L1 for Linf.
+            w_flat = w_c.flatten(1)
+            norm_c = w_flat.norm(p=2, dim=1) if spec.norm == "l2" else w_flat.abs().sum(dim=1)
+            norms.append(norm_c)
+            dist_c = f[:, c] / (norm_c + TINY)
+            if w_best is None or dist_best is None:
+                w_best, dist_best = w_c, dist_c
+            else:
+                closer = dist_c < dist_best  # ties keep the earlier candidate, as the stable sort does
+                w_best = torch.where(per_sample(closer, w_c), w_c, w_best)
+                dist_best = torch.where(closer, dist_c, dist_best)
+        assert w_best is not None
         gradients[idx] += followed
-        logits = logits[rows]
-        samples = torch.arange(n_act, device=x.device)
-        # Coordinates pinned at a bound cannot move further out: leave them out of the
-        # linearisation, so the step is spent where it can act.
-        w = w.masked_fill(((x_cur <= lo) & (w < 0)) | ((x_cur >= hi) & (w > 0)), 0.0)
-
-        f = (logits.gather(1, cand) - logits.gather(1, y_act[:, None])).abs()  # (n, c)
-        w_flat = w.flatten(2)  # (c, n, D)
-        # Dual norm of the step's norm: L2 for L2, L1 for Linf. Shape (n, c).
-        w_norm = w_flat.norm(p=2, dim=2).T if spec.norm == "l2" else w_flat.abs().sum(dim=2).T
+        w_norm = torch.stack(norms, dim=1)  # (n, c)
         dist = f / (w_norm + TINY)
         # Follow the nearest linearised boundaries first; after the first iteration only the
         # ``refine_candidates`` nearest ones (the far boundaries stay far).
-        order_by_dist = dist.argsort(dim=1)
+        order_by_dist = dist.argsort(dim=1, stable=True)
         candidates[idx, :followed] = cand.gather(1, order_by_dist)
         if spec.refine_candidates is not None:
             followed = min(followed, spec.refine_candidates)
         best = order_by_dist[:, 0]
-        w_best = w[best, samples]  # (n, C, H, W)
         f_best = f.gather(1, best[:, None]).squeeze(1)
         norm_best = w_norm.gather(1, best[:, None]).squeeze(1)
         if spec.norm == "l2":

@@ -271,7 +271,9 @@ class _Run:
         """Bisect the radius ``r`` of the Linf box ``[x - r, x + r]`` that ``far`` is clipped into."""
         x0 = self.x[idx]
         high = flat_norm(far - x0, "linf")
-        tol = torch.minimum(high * self.theta, torch.full_like(high, self.theta))
+        # The reference's min(r * theta, theta), its absolute part in units of the bounds' range
+        # (the reference assumes [0, 1] images): the same search on [0, 255] inputs.
+        tol = torch.minimum(high * self.theta, torch.full_like(high, self.theta * (self.hi - self.lo)))
 
         def project(r: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
             radius = per_sample(r, x0[sel])

@@ -40,9 +40,16 @@ import torch
 
 from workers.attacks.base import AttackOutput, check_batch, counters, goal_reached
 from workers.classifier import Classifier
+from workers.specs import JSMA_MAX_PAIR_FEATURES
 
 PAIR_MEMORY_BYTES = 256 * 2**20  # cap on the (n, S, S) pair-score tensors of one chunk
 CANDIDATES = 32  # features per ranking that give the pair search its lower bound
+# Largest input (C*H*W features) for the pair search of ``space="logits"``. Memory is bounded by
+# tiling (``_best_pairs``), but the time is not: when the bound prunes little (dense, similar
+# gradients) a row scores all D^2 pairs every iteration, and there are up to gamma * D / 2
+# iterations. 2^14 features keep that worst case at 2^28 pair scores per row and iteration
+# (3x64x64 inputs pass; 3x224x224, 150528 features, would score 2.3e10).
+MAX_PAIR_FEATURES = JSMA_MAX_PAIR_FEATURES
 
 
 @dataclass(frozen=True)
@@ -58,22 +65,36 @@ class JSMASpec:
 
 
 def _best_pairs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over ``p != q`` of ``relu(u_p + u_q) * relu(v_p + v_q)`` per row: (best value, flat index).
+    """Max over ``p != q`` of ``relu(u_p + u_q) * relu(v_p + v_q)`` per row: (best value, flat index
+    ``p * S + q``).
 
     ``relu(alpha) * relu(-beta)`` is positive exactly for the admissible pairs and equals the paper's
-    ``alpha * |beta|`` there. Chunked over rows so that the ``(rows, S, S)`` tensors stay under
-    ``PAIR_MEMORY_BYTES``.
+    ``alpha * |beta|`` there. Chunked so that the pair-score tensors stay under ``PAIR_MEMORY_BYTES``:
+    over rows, ``(rows, S, S)`` at a time, and when one row's ``S x S`` matrix alone is larger (large
+    inputs), one row at a time in blocks of ``p``, ``(1, P, S)``; a later block wins only with a
+    strictly higher score, so ties resolve as in one ``max`` over the whole row.
     """
     n, s = u.shape
-    chunk = max(1, PAIR_MEMORY_BYTES // (s * s * u.element_size() * 2))
+    pair_bytes = u.element_size() * 2
+    rows = max(1, PAIR_MEMORY_BYTES // (s * s * pair_bytes))
+    block = s if s * s * pair_bytes <= PAIR_MEMORY_BYTES else max(1, PAIR_MEMORY_BYTES // (s * pair_bytes))
     best = torch.empty(n, dtype=u.dtype, device=u.device)
     flat = torch.empty(n, dtype=torch.int64, device=u.device)
-    for start in range(0, n, chunk):
-        uc, vc = u[start:start + chunk], v[start:start + chunk]
-        score = (uc[:, :, None] + uc[:, None, :]).clamp_(min=0)
-        score.mul_((vc[:, :, None] + vc[:, None, :]).clamp_(min=0))
-        score.diagonal(dim1=1, dim2=2).zero_()
-        best[start:start + chunk], flat[start:start + chunk] = score.flatten(1).max(dim=1)
+    for start in range(0, n, rows):
+        uc, vc = u[start:start + rows], v[start:start + rows]
+        for first in range(0, s, block):
+            up, vp = uc[:, first:first + block], vc[:, first:first + block]
+            score = (up[:, :, None] + uc[:, None, :]).clamp_(min=0)
+            score.mul_((vp[:, :, None] + vc[:, None, :]).clamp_(min=0))
+            score.diagonal(offset=first, dim1=1, dim2=2).zero_()  # the pairs p == q
+            value, index = score.flatten(1).max(dim=1)
+            index = index + first * s
+            if first == 0:
+                best[start:start + rows], flat[start:start + rows] = value, index
+            else:
+                higher = value > best[start:start + rows]
+                best[start:start + rows] = torch.where(higher, value, best[start:start + rows])
+                flat[start:start + rows] = torch.where(higher, index, flat[start:start + rows])
     return best, flat
 
 
@@ -162,6 +183,9 @@ def jsma(
         targets: target classes ``(N,)`` when ``spec.targeted``.
         generator: unused (deterministic); accepted for a uniform kernel signature.
 
+    Raises:
+        ValueError: ``space="logits"`` on inputs of more than ``MAX_PAIR_FEATURES`` features.
+
     Returns:
         ``AttackOutput`` with the last iterate of every sample (at most ``floor(gamma * D)``
         features differ from ``x``); ``success`` is judged on it by one final forward pass. Costs
@@ -174,6 +198,10 @@ def jsma(
     assert spec.theta != 0 and 0 < spec.gamma <= 1, "expected theta != 0 and gamma in (0, 1]"
     lo, hi = model.bounds
     dims = x[0].numel()
+    if spec.space == "logits" and dims > MAX_PAIR_FEATURES:
+        raise ValueError(f"expected inputs of at most {MAX_PAIR_FEATURES} features (C*H*W) for JSMA's "
+                         f"pairwise search on logits (use space='probabilities', whose search is linear), "
+                         f"got {dims} ({'x'.join(str(d) for d in x.shape[1:])})")
     step = spec.theta * (hi - lo)
     sign = 1.0 if spec.theta > 0 else -1.0
     max_changed = math.floor(spec.gamma * dims)

@@ -223,7 +223,8 @@ def _linf_proposal(model: Classifier, x_full: torch.Tensor, x0: torch.Tensor, x_
     # All LINF_REDRAWS proposals are built at once (n, R, C, H, W): a handful of tensor operations
     # per iteration, whatever R, which is what the small batches of the last iterations pay for.
     candidates = project(x0[:, None] + eps * signs[..., None, None], x0[:, None], eps, "linf", model.bounds)
-    changed = ((candidates - x_cur[:, None]).abs() * mask[:, None]).flatten(2).amax(dim=2) > 1e-7
+    lo, hi = model.bounds
+    changed = ((candidates - x_cur[:, None]).abs() * mask[:, None]).flatten(2).amax(dim=2) > 1e-7 * (hi - lo)
     first = changed.to(torch.uint8).argmax(dim=1)
     rows_n = torch.arange(idx.numel(), device=x0.device)
     chosen = torch.where(changed.any(dim=1)[:, None], signs[rows_n, first], -signs[:, 0])
@@ -259,21 +260,27 @@ def _oriented(pattern: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
 
 def _l2_start(model: Classifier, x: torch.Tensor, eps: float, generator: torch.Generator | None
               ) -> torch.Tensor:
-    """A centred grid of ``H // 5``-sided tiles, each a pattern of random sign per channel, at norm ``eps``."""
+    """A centred grid of ``min(H, W) // 5``-sided tiles, each a pattern of random sign per channel, at
+    norm ``eps``.
+
+    Each axis holds as many whole tiles as fit, centred on it: 5 x 5 tiles on a square image (as in
+    the authors' code), more along the long side of a rectangular one (an offset computed from 5
+    tiles for both axes, as there, would leave a band of a 24x40 image without any).
+    """
     n, c, h, w = x.shape
     side = max(min(h, w) // 5, 1)
     pattern = _pattern(side, x)
-    top, left = (h - 5 * side) // 2, (w - 5 * side) // 2
-    tiles_r = [r for r in range(max(top, 0), h, side)][: h // side]
-    tiles_c = [q for q in range(max(left, 0), w, side)][: w // side]
+    count_r, count_c = h // side, w // side
+    top, left = (h - count_r * side) // 2, (w - count_c * side) // 2
+    tiles_r = [top + i * side for i in range(count_r)]
+    tiles_c = [left + j * side for j in range(count_c)]
     flips = torch.rand(n, len(tiles_r), len(tiles_c), generator=generator, device=x.device) > 0.5
     signs = _random_signs((n, len(tiles_r), len(tiles_c), c), x, generator)
     delta = torch.zeros_like(x)
     for i, r in enumerate(tiles_r):
         for j, q in enumerate(tiles_c):
             tile = _oriented(pattern, flips[:, i, j])[:, None] * signs[:, i, j, :, None, None]
-            rs, qs = min(side, h - r), min(side, w - q)
-            delta[:, :, r:r + rs, q:q + qs] += tile[:, :, :rs, :qs]
+            delta[:, :, r:r + side, q:q + side] += tile
     delta = delta * per_sample(eps / flat_norm(delta, "l2").clamp_min(TINY), delta)
     return project(x + delta, x, eps, "l2", model.bounds)
 

@@ -51,16 +51,22 @@ SINGLE_STEP = frozenset({"fgsm"})
 @dataclass(frozen=True)
 class Stage:
     """One attack of the battery: ``name`` as in the HTTP API, its kernel spec (``eps`` is replaced
-    per grid point for bounded attacks)."""
+    per grid point for bounded attacks). ``key`` names its results where one kernel runs twice
+    (``"deepfool-linf"`` beside ``"deepfool"``); None: ``name``."""
 
     name: str
     spec: Any
     norm: str
     bounded: bool = True
+    key: str | None = None
 
     @property
     def white_box(self) -> bool:
         return self.name not in BLACK_BOX
+
+    @property
+    def result_key(self) -> str:
+        return self.key or self.name
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,9 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
     notify("gradients")
     grad_norms = input_gradient_norms(model, x[correct], y[correct], bs)
     counters["zero_gradients"] = float((grad_norms == 0).sum())
-    counters["tiny_gradients"] = float((grad_norms < 1e-6).sum())
+    # Per unit of the input range, so that the same model on [0, 255] inputs (whose input gradient
+    # is 255 times smaller) counts the same samples.
+    counters["tiny_gradients"] = float((grad_norms * (model.bounds[1] - model.bounds[0]) < 1e-6).sum())
     counters["median_gradient_norm"] = float(grad_norms.median()) if grad_norms.numel() else 0.0
 
     result = Chunk(labels=y.cpu().numpy(), clean_pred=clean_pred.cpu().numpy(),
@@ -251,14 +259,14 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
         norms = torch.full((n,), math.inf, dtype=torch.float64)
         norms[~correct.cpu()] = math.nan
         if idx.numel():
-            notify(f"{stage.name} (minimal)")
+            notify(f"{stage.result_key} (minimal)")
             with _gradients_for(stage, model):
                 x_adv = _run(attacker if stage.white_box else model, stage, stage.spec, x[idx], y[idx],
                              generator, bs)
             hit = model.predict(x_adv, bs).argmax(1) != y[idx]
             size = flat_norm(x_adv - x[idx], stage.norm).double().cpu()  # type: ignore[arg-type]
             norms[idx.cpu()[hit.cpu()]] = size[hit.cpu()]
-        result.minimal[stage.name] = norms.numpy()
+        result.minimal[stage.result_key] = norms.numpy()
 
     if plan.transfer_eps is not None:
         for surrogate in plan.surrogates:

@@ -228,7 +228,8 @@ def masking_checks(counters: Mapping[str, float], result: Mapping[str, Any],
     checks.append(_check(
         "gradients-not-vanishing", zero > tol.zero_gradients * base,
         f"{int(zero)} of {n_correct} correct samples have an exactly zero input gradient of the "
-        f"cross-entropy ({int(counters.get('tiny_gradients', 0.0))} below 1e-6; median norm "
+        f"cross-entropy ({int(counters.get('tiny_gradients', 0.0))} below 1e-6 per unit of the input range; "
+        f"median norm "
         f"{counters.get('median_gradient_norm', 0.0):.3g}; mean L1 of the logits "
         f"{counters.get('mean_l1_logits', 0.0) / max(counters.get('n', 1.0), 1.0):.3g})",
         zero=int(zero)))

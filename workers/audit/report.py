@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from workers.artifacts import display_layout
+
 NOT_RUN = '<p class="not-run">Not run.</p>'
 MISSING = "—"
 # Images are upscaled (nearest neighbour) to at least this many pixels on their longer side.
@@ -33,7 +35,8 @@ WORST_CASE_COLOR = "#222222"
 class ReportSamples:
     """A few audited images and their worst-case adversarial versions at one eps.
 
-    ``x`` and ``x_adv`` are ``(k, C, H, W)`` with C in {1, 3}, values in ``bounds``; ``labels``,
+    ``x`` and ``x_adv`` are ``(k, C, H, W)``, values in ``bounds`` (C = 1 shows grey, C = 3 in colour,
+    any other count as grey channels side by side); ``labels``,
     ``clean_pred`` and ``adv_pred`` are ``(k,)`` class indices; ``eps_label`` names the eps the
     adversarial images belong to, e.g. ``"linf:8/255"``.
     """
@@ -47,8 +50,8 @@ class ReportSamples:
     bounds: tuple[float, float]
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 4 or self.x.shape[1] not in (1, 3):
-            raise ValueError(f"expected x of shape (k, 1 or 3, H, W), got {self.x.shape}")
+        if self.x.ndim != 4 or min(self.x.shape[1:]) < 1:
+            raise ValueError(f"expected x of shape (k, C, H, W), got {self.x.shape}")
         if self.x_adv.shape != self.x.shape:
             raise ValueError(f"expected x_adv of shape {self.x.shape}, got {self.x_adv.shape}")
         k = self.x.shape[0]
@@ -75,18 +78,15 @@ def amplify_perturbation(x: np.ndarray, x_adv: np.ndarray, bounds: tuple[float, 
 
 
 def png_data_uri(image: np.ndarray, bounds: tuple[float, float], min_px: int = MIN_IMAGE_PX) -> str:
-    """A ``(C, H, W)`` image (C in {1, 3}, values in ``bounds``) as a ``data:image/png`` URI, upscaled
-    by a whole factor with nearest neighbour so that its longer side is at least ``min_px``."""
-    if image.ndim != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"expected an image of shape (1 or 3, H, W), got {image.shape}")
+    """A ``(C, H, W)`` image (values in ``bounds``) as a ``data:image/png`` URI, upscaled by a whole
+    factor with nearest neighbour so that its longer side is at least ``min_px``. One channel gives a
+    grey PNG, three an RGB one; any other count grey channels side by side (``display_layout``)."""
+    if image.ndim != 3 or min(image.shape) < 1:
+        raise ValueError(f"expected an image of shape (C, H, W), got {image.shape}")
     lo, hi = bounds
     scaled = (np.asarray(image, dtype=np.float64) - lo) / (hi - lo) * 255.0
     pixels = np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
-    picture = (
-        Image.fromarray(pixels[0], mode="L")
-        if pixels.shape[0] == 1
-        else Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
-    )
+    picture = Image.fromarray(np.ascontiguousarray(display_layout(pixels[None])[0]))  # 2-D: L; 3-D: RGB
     factor = _upscale(picture.height, picture.width, min_px)
     if factor > 1:
         picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
@@ -508,7 +508,8 @@ def _upscale(h: int, w: int, min_px: int) -> int:
 
 def _display_px(image: np.ndarray) -> tuple[int, int]:
     """Width and height the upscaled PNG of a ``(C, H, W)`` image has."""
-    h, w = int(image.shape[1]), int(image.shape[2])
+    channels, h, w = (int(d) for d in image.shape)
+    w = w if channels in (1, 3) else channels * w  # channels side by side (``display_layout``)
     factor = _upscale(h, w, MIN_IMAGE_PX)
     return w * factor, h * factor
 

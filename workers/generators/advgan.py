@@ -46,8 +46,16 @@ from workers.classifier import Classifier
 # least ``MIN_SIDE`` so that the smallest feature map still has several pixels to normalise over.
 GRID = 4
 MIN_SIDE = 8
-# An eps = 0.3 Linf perturbation on 10% of the pixels of a 28x28 image, in L2: ~2.66.
-DEFAULT_HINGE_BOUND = 0.3 * math.sqrt(0.1 * 28 * 28)
+# The default hinge bound is the L2 norm of an eps perturbation of this fraction of the input's values.
+HINGE_FRACTION = 0.1
+
+
+def default_hinge_bound(eps: float, input_shape: tuple[int, ...]) -> float:
+    """``eps * sqrt(0.1 * C * H * W)``: the L2 norm (input units) of a Linf-``eps`` perturbation that
+    moves a tenth of the input's values by ``eps``. ~2.66 for eps 0.3 on 1x28x28 (the constant this
+    default used to be); it grows with the image, so that a 3x224x224 generator is not held to a
+    budget that suits 784 pixels, and with ``eps``, which is in the model's input units."""
+    return eps * math.sqrt(HINGE_FRACTION * math.prod(input_shape))
 
 
 def _pad_to_grid(x: torch.Tensor) -> torch.Tensor:
@@ -190,10 +198,10 @@ class AdvGANSpec:
     0.999, as usual for GANs). ``adv_weight``, ``gan_weight``, ``hinge_weight``: the weights of the
     adversarial (C&W margin with margin ``kappa``, on logits), least-squares GAN and hinge losses.
     ``hinge_bound``: the L2 norm (input units) above which the hinge loss penalises the
-    perturbation; the default, ~2.66, is that of an eps = 0.3 perturbation on 10% of the pixels of a
-    28x28 image; scale it with ``eps`` and the image size. ``mode``: ``"semi-white-box"`` back-
-    propagates through the target; ``"black-box"`` only queries its scores and trains a surrogate
-    (``distill_steps`` Adam steps at ``surrogate_lr`` per generator step).
+    perturbation; None (the default) means ``default_hinge_bound(eps, input shape)``, that of an
+    ``eps`` perturbation on 10% of the input's values (~2.66 for eps 0.3 on 28x28). ``mode``:
+    ``"semi-white-box"`` back-propagates through the target; ``"black-box"`` only queries its scores
+    and trains a surrogate (``distill_steps`` Adam steps at ``surrogate_lr`` per generator step).
     """
 
     eps: float
@@ -205,7 +213,7 @@ class AdvGANSpec:
     adv_weight: float = 10.0
     gan_weight: float = 1.0
     hinge_weight: float = 1.0
-    hinge_bound: float = DEFAULT_HINGE_BOUND
+    hinge_bound: float | None = None
     kappa: float = 0.0
     mode: Literal["semi-white-box", "black-box"] = "semi-white-box"
     distill_steps: int = 1
@@ -224,7 +232,7 @@ class AdvGANSpec:
             if not getattr(self, name) > 0:
                 raise ValueError(f"expected {name} > 0, got {getattr(self, name)}")
         for name in ("adv_weight", "gan_weight", "hinge_weight", "hinge_bound", "kappa"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"expected {name} >= 0, got {getattr(self, name)}")
         if self.mode not in ("semi-white-box", "black-box"):
             raise ValueError(f"expected mode 'semi-white-box' or 'black-box', got {self.mode!r}")
@@ -401,6 +409,7 @@ def train_advgan(
     gen_params, disc_params = _params(gen), _params(disc)
     opt_g, opt_d = _adam(gen_params, spec.lr, gan=True), _adam(disc_params, spec.lr, gan=True)
     goal = torch.full_like(y, spec.target) if spec.target is not None else y
+    hinge = spec.hinge_bound if spec.hinge_bound is not None else default_hinge_bound(spec.eps, x.shape[1:])
     queries_before = target.queries
     steps = 0
 
@@ -442,7 +451,7 @@ def train_advgan(
                     target.gradients += xb.shape[0]
                 loss_adv = margin_loss(logits, goal_b, spec.targeted, spec.kappa).mean()
                 loss_gan = _least_squares(disc(x_adv), 1.0)
-                loss_hinge = (flat_norm(x_adv - xb, "l2") - spec.hinge_bound).clamp_min(0).mean()
+                loss_hinge = (flat_norm(x_adv - xb, "l2") - hinge).clamp_min(0).mean()
                 loss_g = (spec.adv_weight * loss_adv + spec.gan_weight * loss_gan
                           + spec.hinge_weight * loss_hinge)
                 _update(opt_g, gen_params, loss_g)
