@@ -31,6 +31,7 @@ class BlobStore(Protocol):
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
 
 
@@ -73,6 +74,10 @@ class FileStore:
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(".tmp-")
         )
+
+    def delete(self, key: str) -> None:
+        """Remove one blob; nothing happens when there is none."""
+        self.path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix.rstrip("/")), ignore_errors=True)

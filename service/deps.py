@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from redis import Redis
 
+from models.datasets import DataCatalog
 from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from models.store import BlobStore
 from service.errors import Problem
@@ -40,12 +41,17 @@ def get_store(request: Request) -> BlobStore:
     return request.app.state.store  # type: ignore[no-any-return]
 
 
+def get_data_catalog(request: Request) -> DataCatalog:
+    return request.app.state.data  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 QueueDep = Annotated[Queues, Depends(get_queues)]
 RegistryDep = Annotated[CardIndex, Depends(get_index)]
 GeneratorsDep = Annotated[GeneratorIndex, Depends(get_generators)]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
+DataCatalogDep = Annotated[DataCatalog, Depends(get_data_catalog)]
 
 
 def get_team(request: Request, settings: SettingsDep) -> str:

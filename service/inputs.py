@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models import datasets
+from models.datasets import (
+    DataCatalog,
+    DataError,
+    DataInfo,
+    DatasetMissingError,
+    InvalidReferenceError,
+    UnknownDatasetError,
+)
 from models.manifest import ModelCard
 from service.errors import Problem, invalid
 from workers.specs import ArrayInputs, DatasetInputs, ImageInputs
@@ -150,28 +157,54 @@ def decode_files(files: list[tuple[str, bytes]], labels: list[int] | None, card:
     return Decoded(x, check_labels("labels", labels, x.shape[0], card))
 
 
-def check_dataset(inputs: DatasetInputs, card: ModelCard, limit: int,
-                  data_dir: str | None, field: str = "inputs") -> int:
-    """Validate a hosted data-set slice; returns the number of samples."""
+def describe_dataset(catalog: DataCatalog, ref: str, team: str, field: str) -> DataInfo:
+    """Resolve a data reference for ``team``; errors name ``field`` (422: malformed or unknown,
+    503: known but its data is not here)."""
     try:
-        datasets.parse_name(inputs.dataset)
-    except ValueError as exc:
-        raise invalid(f"{field}.dataset", str(exc)) from None
+        return catalog.describe(ref, team)
+    except DatasetMissingError as exc:
+        raise Problem(503, f"{field}: {exc}", field=field, code="dataset-missing") from None
+    except (InvalidReferenceError, UnknownDatasetError) as exc:
+        raise invalid(field, str(exc)) from None
+
+
+def dataset_labels(catalog: DataCatalog, inputs: DatasetInputs, team: str, field: str) -> np.ndarray:
+    """The labels of a slice (already checked by ``check_dataset``)."""
     try:
-        size = datasets.split_size(inputs.dataset, data_dir)
-    except datasets.DatasetMissingError as exc:
-        raise Problem(503, str(exc), code="dataset-missing") from None
-    if inputs.offset >= size:
-        raise invalid(f"{field}.offset", f"expected an offset below {size}, got {inputs.offset}")
-    if inputs.offset + inputs.limit > size:
-        raise invalid(f"{field}.limit", f"expected offset + limit <= {size}, got "
-                                        f"{inputs.offset + inputs.limit}")
+        return catalog.labels(inputs.dataset, inputs.offset, inputs.limit, team)
+    except DatasetMissingError as exc:
+        raise Problem(503, f"{field}: {exc}", field=field, code="dataset-missing") from None
+    except DataError as exc:
+        raise invalid(field, str(exc)) from None
+
+
+def check_dataset(inputs: DatasetInputs, card: ModelCard, limit: int, catalog: DataCatalog, team: str,
+                  field: str = "inputs") -> DatasetInputs:
+    """Validate a data-set slice against the model's card: the reference resolves for this team, the
+    slice lies inside the split, the samples have the model's input shape and every label is one of
+    its classes (a set with more classes passes when the slice's labels fit). Returns the slice with
+    its reference pinned (``my-eval@2:all``), so that the job reads the version checked here."""
+    info = describe_dataset(catalog, inputs.dataset, team, f"{field}.dataset")
+    if inputs.offset >= info.size:
+        raise invalid(f"{field}.offset", f"expected an offset below {info.size} (the size of {info.ref}), "
+                                         f"got {inputs.offset}")
+    if inputs.offset + inputs.limit > info.size:
+        raise invalid(f"{field}.limit", f"expected offset + limit <= {info.size} (the size of {info.ref}), "
+                                        f"got {inputs.offset + inputs.limit}")
     check_count(f"{field}.limit", inputs.limit, limit)
-    if card.input_shape != (1, 28, 28) or card.num_classes != len(datasets.FASHION_MNIST_CLASSES):
-        raise invalid(f"{field}.dataset", f"expected a model with input (1, 28, 28) and 10 classes "
-                                          f"for {inputs.dataset}, got {card.ref} with "
-                                          f"{card.input_shape} and {card.num_classes} classes")
-    return inputs.limit
+    if info.input_shape != card.input_shape:
+        raise invalid(f"{field}.dataset", f"expected data of input shape {card.input_shape} for {card.ref}, "
+                                          f"got {info.ref} with samples of shape {info.input_shape}")
+    pinned = inputs.model_copy(update={"dataset": info.ref})
+    if info.max_label >= card.num_classes:
+        labels = dataset_labels(catalog, pinned, team, f"{field}.dataset")
+        top = int(labels.max())
+        if top >= card.num_classes:
+            raise invalid(f"{field}.dataset", f"expected labels below {card.num_classes} (the classes of "
+                                              f"{card.ref}), got label {top} in {info.ref} [{inputs.offset}, "
+                                              f"{inputs.offset + inputs.limit}) ({info.num_classes} classes in "
+                                              f"the set, {card.num_classes} in the model)")
+    return pinned
 
 
 def max_eps(card: ModelCard, norm: str) -> float:

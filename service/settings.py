@@ -23,3 +23,12 @@ class Settings(CommonSettings):
     defense_timeout_s: int = Field(default=8 * 3600, ge=60, description="training jobs run long")
     predict_timeout_s: int = Field(default=30, ge=1)
     workers: int = Field(default=1, ge=0, description="worker processes started by `adversa serve`")
+    max_dataset_bytes: int = Field(default=256 * 1024 * 1024, ge=1024,
+                                   description="an uploaded data set: its decoded arrays, and all an archive "
+                                               "expands to")
+    max_dataset_files: int = Field(default=50_000, ge=1, description="members of an uploaded archive")
+    max_dataset_samples: int = Field(default=100_000, ge=1, description="samples of an uploaded data set")
+    max_dataset_image_pixels: int = Field(default=1024 * 1024, ge=1, description="H x W of one sample")
+    max_dataset_ratio: float = Field(default=200.0, ge=1, description="expanded / compressed size of an "
+                                                                        "archive member (zip bombs)")
+    max_datasets_per_team: int = Field(default=100, ge=0, description="data-set versions a team may hold")

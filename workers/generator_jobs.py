@@ -11,7 +11,6 @@ job on the held-out slice, and publish. Publishing is the last step and is atomi
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from models.registry import assemble, sha256_hex
 from workers.classifier import Classifier
 from workers.defense_jobs import _data, _now
 from workers.errors import InvalidJob, JobFailure
-from workers.generators.advgan import AdvGANSpec, Progress, train_advgan
+from workers.generators.advgan import AdvGANSpec, Progress, default_hinge_bound, train_advgan
 from workers.generators.registry import network_files
 from workers.jobs import Context, _check_cancel, _progress, context, craft, entry
 from workers.scores import evaluate, quantize, summarize
@@ -50,11 +49,11 @@ def run_generator(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def hinge_bound(spec: GeneratorJob, card: ModelCard) -> float:
-    """The request's, or ``eps`` on a tenth of the input's values, in L2 (the kernel's default,
-    ~2.66, is this for eps 0.3 on 28x28 images)."""
+    """The request's, or the kernel's default for the card's input shape: ``eps`` on a tenth of the
+    input's values, in L2 (~2.66 for eps 0.3 on 28x28 images)."""
     if spec.hinge_bound is not None:
         return spec.hinge_bound
-    return spec.eps * math.sqrt(0.1 * math.prod(card.input_shape))
+    return default_hinge_bound(spec.eps, card.input_shape)
 
 
 def _target(spec: GeneratorJob, ctx: Context) -> tuple[ModelCard, Classifier]:
@@ -84,11 +83,11 @@ def _surrogate(card: ModelCard, generator: torch.Generator) -> nn.Module:
 
 
 def measure_generator(model: Classifier, card: ModelCard, generator_card: GeneratorCard, network: nn.Module,
-                      evaluation: DatasetInputs, ctx: Context) -> dict[str, float]:
+                      evaluation: DatasetInputs, ctx: Context, team: str | None = None) -> dict[str, float]:
     """The card's metrics: the ``advgan`` attack on the held-out slice, through the attack jobs'
     chunk loop and scores. Success is over the inputs classified correctly (targeted: and not
     already of the target class); norms are means over the successful ones."""
-    x, y = _data(evaluation, card, ctx.settings.data_dir, model.device)
+    x, y = _data(evaluation, card, ctx, model.device, team)
     batch = ctx.cache.batch_size(card, model)
     clean_pred = model.predict(x, batch).argmax(dim=1)
     targets = (torch.full_like(y, generator_card.target_class)
@@ -117,7 +116,7 @@ def execute_generator(spec: GeneratorJob, ctx: Context, job: Job | None, root: P
     device = target.device
     log.info("%s: AdvGAN (%s, eps %g, %s) against %s", spec.job_id, spec.mode, spec.eps,
              f"target class {spec.target_class}" if spec.targeted else "untargeted", card.ref)
-    x, y = _data((spec.data, 0, spec.limit), card, ctx.settings.data_dir, device)
+    x, y = _data((spec.data, 0, spec.limit), card, ctx, device, spec.team)
     try:
         train_spec = AdvGANSpec(
             eps=spec.eps, targeted=spec.targeted, target=spec.target_class, epochs=spec.epochs,
@@ -158,7 +157,7 @@ def execute_generator(spec: GeneratorJob, ctx: Context, job: Job | None, root: P
         draft = _draft(spec, card, files, train_spec, training, surrogate is not None, device)
     except ValidationError as exc:
         raise InvalidJob(f"invalid generator card: {exc}") from exc
-    metrics = measure_generator(target, card, draft, result.generator, spec.evaluation, ctx)
+    metrics = measure_generator(target, card, draft, result.generator, spec.evaluation, ctx, spec.team)
     metrics["training_seconds"] = round(result.seconds, 3)
     if spec.mode == "black-box":
         metrics["queries"] = float(result.queries)

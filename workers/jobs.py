@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from rq import get_current_job
 from rq.job import Job
 
-from models.datasets import load_split
+from models.datasets import DataCatalog, DataError, DatasetMissingError, to_bounds
 from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from models.registry import ModelLoadError
 from models.store import BlobStore, FileStore
@@ -49,6 +49,7 @@ class Context:
     store: BlobStore
     cache: ModelCache
     generators: GeneratorCache
+    data: DataCatalog
 
 
 _context: Context | None = None
@@ -61,7 +62,9 @@ def make_context(settings: WorkerSettings) -> Context:
                        settings.var_dir / "batch_sizes.json")
     generators = GeneratorCache(GeneratorIndex([settings.generators_root]), device,
                                 settings.model_cache_size)
-    return Context(settings, FileStore(settings.blob_root), cache, generators)
+    store = FileStore(settings.blob_root)
+    data = DataCatalog(settings.data_dir, settings.datasets_root, store)
+    return Context(settings, store, cache, generators, data)
 
 
 def install_context(context: Context) -> None:
@@ -122,20 +125,40 @@ def _progress(job: Job | None, value: float, **extra: Any) -> None:
     job.save_meta()
 
 
-def load_inputs(spec: AttackJob, store: BlobStore, data_dir: str | None) -> tuple[
-    np.ndarray, np.ndarray | None
-]:
+def load_dataset(data: DataCatalog, ref: str, offset: int, limit: int | None, team: str | None,
+                 card: ModelCard, field: str = "inputs.dataset") -> tuple[np.ndarray, np.ndarray]:
+    """A data-set slice for ``card``'s model: float32 NCHW in its ``bounds`` (data sets hold
+    [0, 1]) and int64 labels, checked again against its input shape and classes (the queue is a
+    trust boundary too). A reference that no longer resolves (a deleted version) fails the job."""
+    try:
+        x, y = data.load(ref, offset, limit, team)
+    except DatasetMissingError as exc:
+        raise JobFailure(f"{field}: {exc}", "dataset-missing") from exc
+    except DataError as exc:
+        raise JobFailure(f"{field}: {exc}", "unknown-dataset") from exc
+    top = int(y.max()) if y.size else -1
+    if tuple(x.shape[1:]) != tuple(card.input_shape) or top >= card.num_classes:
+        raise JobFailure(f"{field}: expected inputs of shape {list(card.input_shape)} and labels below "
+                         f"{card.num_classes} for {card.ref}, got {ref} with shape {list(x.shape[1:])} and "
+                         f"labels up to {top}", "incompatible-data")
+    return to_bounds(x, card.bounds), y
+
+
+def load_inputs(spec: AttackJob, store: BlobStore, data: DataCatalog, card: ModelCard
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A job's inputs as float32 NCHW in the model's bounds: a data-set slice (scaled from [0, 1])
+    or the blob the gateway stored (already in the model's bounds)."""
     ref = spec.inputs
     if ref.kind == "dataset":
         assert ref.dataset is not None
-        x, y = load_split(ref.dataset, data_dir).slice(ref.offset, ref.n)
+        x, y = load_dataset(data, ref.dataset, ref.offset, ref.n, spec.team, card)
         if x.shape[0] != ref.n:
             raise InvalidJob(f"expected {ref.n} samples from {ref.dataset}, got {x.shape[0]}")
         return x, y
     assert ref.key is not None
-    with np.load(io.BytesIO(store.get(ref.key)), allow_pickle=False) as data:
-        x_blob = data["x"].astype(np.float32, copy=False)
-        y_blob = data["y"].astype(np.int64) if "y" in data.files else None
+    with np.load(io.BytesIO(store.get(ref.key)), allow_pickle=False) as blob:
+        x_blob = blob["x"].astype(np.float32, copy=False)
+        y_blob = blob["y"].astype(np.int64) if "y" in blob.files else None
     return x_blob, y_blob
 
 
@@ -247,7 +270,7 @@ def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
     if spec.surrogate is not None:
         attacker_card, attacker = ctx.cache.get(spec.surrogate)
     device = model.device
-    x_np, y_np = load_inputs(spec, ctx.store, ctx.settings.data_dir)
+    x_np, y_np = load_inputs(spec, ctx.store, ctx.data, card)
     x = torch.from_numpy(x_np).to(device)
     batch_size = spec.batch_size or ctx.cache.batch_size(attacker_card, attacker)
     attacker.reset_counters()
