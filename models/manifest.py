@@ -11,14 +11,26 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Generic, Literal, Self, TypeVar
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def check_name(value: str) -> str:
+    """A registry name: lowercase kebab-case, at most 63 characters."""
+    if not NAME_RE.match(value):
+        raise ValueError(f"expected a lowercase kebab-case name of at most 63 characters, got {value!r}")
+    return value
+
+
+RegistryName = Annotated[str, AfterValidator(check_name)]
 HOSTED_DIR = Path(__file__).resolve().parent / "hosted"
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
+ONNX_FILE = "model.onnx"
+ONNX_ARCHITECTURE = "onnx"
 DETECTOR_FILE = "detector.json"
 GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
@@ -76,16 +88,9 @@ class RegistryCard(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
+    name: RegistryName
     version: int = Field(ge=1)
     team: str | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError(f"expected a lowercase kebab-case name, got {value!r}")
-        return value
 
     @property
     def ref(self) -> str:
@@ -102,8 +107,44 @@ class RegistryCard(BaseModel):
         path.write_text(self.model_dump_json(indent=2) + "\n")
 
 
+class Throughput(BaseModel):
+    """Images per second measured on one device at one batch size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str
+    batch_size: int = Field(ge=1)
+    forward: float = Field(ge=0, description="images/s, forward only")
+    forward_backward: float = Field(ge=0, description="images/s, forward and input gradient")
+
+
+class Registration(BaseModel):
+    """What the service measured and recorded when a team uploaded this version (null for hosted
+    models and for models made by defense jobs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["safetensors", "onnx"]
+    files: dict[str, str] = Field(description="file name -> sha256")
+    bytes: int = Field(ge=0, description="total size of the uploaded files")
+    parameters: int = Field(ge=0)
+    opset: int | None = Field(default=None, description="ONNX opset of the uploaded graph")
+    throughput: list[Throughput] = Field(default_factory=list)
+    checks: dict[str, str] = Field(default_factory=dict, description="check -> what was measured")
+    created: str
+    job: str | None = Field(default=None, description="the registration job")
+
+
 class ModelCard(RegistryCard):
-    """A model card (manifest) of one version of one registered model."""
+    """A model card (manifest) of one version of one registered model.
+
+    ``architecture`` is a catalog name (``models.architectures``) for safetensors weights, ``onnx``
+    for an uploaded ONNX graph (``model.onnx``, converted with onnx2torch; ``sha256`` is the
+    graph's), or the composition kind. ``files`` lists every further file of the version with its
+    sha256 (a defense trained from an ONNX model keeps the graph and adds ``weights.safetensors``).
+    ``gradients`` is false when the registration probe found zero input gradients: audits then
+    use black-box attacks and say so.
+    """
 
     architecture: str
     input_shape: tuple[int, int, int]
@@ -117,6 +158,13 @@ class ModelCard(RegistryCard):
     metrics: dict[str, float] = Field(default_factory=dict)
     lineage: Lineage
     description: str = ""
+    files: dict[str, str] = Field(default_factory=dict, description="further files -> sha256")
+    gradients: bool = Field(default=True, description="false: the input gradient is zero or unusable")
+    batch_size: dict[str, int] = Field(default_factory=dict,
+                                       description="device type -> chunk size chosen at registration")
+    static_batch: int | None = Field(default=None, ge=1, description="an ONNX graph exported with a "
+                                     "fixed batch size: inputs are padded or split to it")
+    registration: Registration | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
@@ -137,7 +185,12 @@ class ModelCard(RegistryCard):
 
     @property
     def differentiable(self) -> bool:
-        return self.composition is None or self.composition.differentiable
+        return self.gradients and (self.composition is None or self.composition.differentiable)
+
+    @property
+    def weights_file(self) -> str:
+        """The file ``sha256`` is the digest of."""
+        return ONNX_FILE if self.architecture == ONNX_ARCHITECTURE else WEIGHTS_FILE
 
     @property
     def num_classes(self) -> int:
@@ -350,3 +403,71 @@ class GeneratorIndex(VersionedIndex[GeneratorCard]):
     """The generator registry (``<var>/generators``)."""
 
     card_type = GeneratorCard
+
+
+class Normalization(BaseModel):
+    """Per-channel ``(x - mean) / std`` the model expects, in input units (folded into the model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class ModelUpload(BaseModel):
+    """The ``card`` a team sends with ``POST /v1/models``; the service fills in everything else
+    (sha256 of each file, parameter count, size, format, opset, throughput, team, version)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: RegistryName = Field(description="lowercase kebab-case; a new version if you already have this name")
+    input_shape: tuple[int, int, int] = Field(description="(C, H, W) of one input")
+    classes: tuple[str, ...] = Field(min_length=2, max_length=100_000,
+                                     description="class names, in logit order")
+    bounds: tuple[float, float] = Field(default=(0.0, 1.0), description="range of input values")
+    normalization: Normalization | None = Field(
+        default=None, description="mean and std per channel, in input units; default none")
+    architecture: str | None = Field(default=None, description="catalog architecture (safetensors only)")
+    description: str = Field(default="", max_length=4000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelUpload:
+        channels = self.input_shape[0]
+        if any(d < 1 for d in self.input_shape):
+            raise ValueError(f"input_shape: expected positive (C, H, W), got {list(self.input_shape)}")
+        if not self.bounds[0] < self.bounds[1]:
+            raise ValueError(f"bounds: expected lo < hi, got {list(self.bounds)}")
+        if any(not c.strip() for c in self.classes) or len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes: expected distinct, non-empty names")
+        if self.normalization is not None:
+            norm = self.normalization
+            if len(norm.mean) != channels or len(norm.std) != channels:
+                raise ValueError(f"normalization: expected mean and std with {channels} entries (one per "
+                                 f"channel), got {len(norm.mean)} and {len(norm.std)}")
+            if any(not s > 0 for s in norm.std):
+                raise ValueError("normalization.std: expected strictly positive values")
+        return self
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        channels = self.input_shape[0]
+        if self.normalization is None:
+            return (0.0,) * channels, (1.0,) * channels
+        return self.normalization.mean, self.normalization.std
+
+
+class RegistrationJob(BaseModel):
+    """Payload of a registration job (gateway -> worker): the upload, staged in the blob store
+    under ``uploads/<job_id>/``, to validate, measure and publish."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    team: str
+    upload: ModelUpload
+    format: Literal["safetensors", "onnx"]
+    file: str = Field(description="blob key of the staged file")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+    parameters: int = Field(ge=0)
+    opset: int | None = None
+    static_batch: int | None = Field(default=None, ge=1)

@@ -17,7 +17,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from models.architectures import Normalize, build
-from models.manifest import CARD_FILE, WEIGHTS_FILE, ModelCard
+from models.manifest import CARD_FILE, ONNX_ARCHITECTURE, ONNX_FILE, WEIGHTS_FILE, ModelCard
 from models.publish import PublishError, publish_files
 
 
@@ -34,6 +34,75 @@ def assemble(card: ModelCard, body: nn.Module) -> nn.Sequential:
     return nn.Sequential(Normalize(card.mean, card.std), body)
 
 
+class FixedBatch(nn.Module):
+    """Runs a graph exported with a fixed batch size on any batch: inputs are split into chunks of
+    ``batch`` and the last chunk is padded with copies of its first row; padded outputs are
+    dropped. In eval mode every row's output depends on that row alone, so this changes nothing
+    but the cost of a partial chunk."""
+
+    def __init__(self, inner: nn.Module, batch: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.batch = batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for chunk in x.split(self.batch):
+            n = chunk.shape[0]
+            if n < self.batch:
+                chunk = torch.cat([chunk, chunk[:1].expand(self.batch - n, *chunk.shape[1:])])
+            outputs.append(self.inner(chunk)[:n])
+        return torch.cat(outputs)
+
+
+def _checked(path: Path, digest: str | None, ref: str) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{ref}: cannot read {path.name}: {exc}") from exc
+    found = sha256_hex(raw)
+    if found != digest:
+        raise ModelLoadError(f"{ref}: {path.name} sha256 {found} does not match the card ({digest})")
+    return raw
+
+
+def load_state(module: nn.Module, raw: bytes, ref: str, what: str) -> None:
+    """Load safetensors ``raw`` into ``module`` strictly; a state dict that does not fit is a
+    ``ModelLoadError`` listing missing/unexpected keys and shape mismatches."""
+    from models.architectures import state_dict_mismatch
+
+    try:
+        state = load_safetensors(raw)
+    except Exception as exc:  # safetensors raises its own error types on corrupt input
+        raise ModelLoadError(f"{ref}: expected safetensors weights: {exc}") from exc
+    mismatch = state_dict_mismatch(module, state)
+    if mismatch is not None:
+        raise ModelLoadError(f"{ref}: weights do not fit {what}: {mismatch}")
+    module.load_state_dict(state, strict=True)
+
+
+def build_body(card: ModelCard, directory: Path) -> nn.Module:
+    """The architecture body of a stored model with its weights (normalisation not folded in):
+    a catalog architecture with ``weights.safetensors``, or an ONNX graph converted with
+    onnx2torch (its own weights, or ``weights.safetensors`` from a defense that trained it)."""
+    if card.architecture == ONNX_ARCHITECTURE:
+        from models.onnx_import import load_onnx
+
+        body = load_onnx(_checked(directory / ONNX_FILE, card.sha256, card.ref))
+        if WEIGHTS_FILE in card.files:
+            raw = _checked(directory / WEIGHTS_FILE, card.files[WEIGHTS_FILE], card.ref)
+            load_state(body, raw, card.ref, "its ONNX graph")
+        return FixedBatch(body, card.static_batch) if card.static_batch else body
+    body = build(card.architecture, card.input_shape, card.num_classes)
+    load_state(body, _checked(directory / WEIGHTS_FILE, card.sha256, card.ref), card.ref, card.architecture)
+    return body
+
+
+def trainable_body(body: nn.Module) -> nn.Module:
+    """The module whose state dict is a model's weights (a fixed-batch wrapper's inner graph)."""
+    return body.inner if isinstance(body, FixedBatch) else body
+
+
 def load_module(directory: Path, device: torch.device | str = "cpu") -> tuple[ModelCard, nn.Module]:
     """Load the model stored in ``directory`` (card + weights), in eval mode, frozen, on ``device``.
 
@@ -42,16 +111,7 @@ def load_module(directory: Path, device: torch.device | str = "cpu") -> tuple[Mo
     card = ModelCard.read(directory / CARD_FILE)
     if card.composition is not None:
         raise ModelLoadError(f"{card.ref} is a {card.composition.kind} composition, not weights")
-    raw = (directory / WEIGHTS_FILE).read_bytes()
-    digest = sha256_hex(raw)
-    if digest != card.sha256:
-        raise ModelLoadError(f"{card.ref}: weights sha256 {digest} does not match card {card.sha256}")
-    body = build(card.architecture, card.input_shape, card.num_classes)
-    try:
-        body.load_state_dict(load_safetensors(raw), strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{card.ref}: weights do not fit {card.architecture}: {exc}") from exc
-    module = assemble(card, body).to(device).eval()
+    module = assemble(card, build_body(card, directory)).to(device).eval()
     module.requires_grad_(False)
     return card, module
 

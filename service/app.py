@@ -14,34 +14,38 @@ from fastapi import FastAPI
 from redis import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models.datasets import DataCatalog
 from models.manifest import CardIndex, GeneratorIndex
 from models.store import FileStore
 from service import errors
 from service.errors import Problem, problem_response
 from service.metrics import instrument
 from service.queueing import Queues
-from service.routes import attacks, audits, defenses, generators, health, infer, jobs, models
+from service.routes import attacks, audits, datasets, defenses, generators, health, infer, jobs, models
 from service.settings import Settings
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, whether or not Content-Length is set."""
+    """Refuse request bodies over ``limit`` bytes with 413, whether or not Content-Length is set.
+    ``uploads`` raises the limit for the routes that take files (path -> limit)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, uploads: dict[str, int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.uploads = uploads or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = Problem(413, f"expected a request body of at most {self.limit} bytes",
+        limit = self.uploads.get(scope.get("path", "").rstrip("/"), self.limit)
+        too_large = Problem(413, f"expected a request body of at most {limit} bytes",
                             code="body-too-large")
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
+        if length is not None and length.isdigit() and int(length) > limit:
             await problem_response(too_large, scope.get("path"))(scope, receive, send)
             return
         if length is not None:
@@ -56,7 +60,7 @@ class BodyLimit:
             if message["type"] != "http.request":
                 break
             seen += len(message.get("body", b""))
-            if seen > self.limit:
+            if seen > limit:
                 await problem_response(too_large, scope.get("path"))(scope, receive, send)
                 return
             if not message.get("more_body", False):
@@ -88,11 +92,15 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     app.state.index = CardIndex.default([settings.models_root])
     app.state.generators = GeneratorIndex([settings.generators_root])
     app.state.store = FileStore(settings.blob_root)
+    app.state.data = DataCatalog(settings.data_dir, settings.datasets_root, app.state.store)
     errors.install(app)
     app.middleware("http")(instrument)
-    for module in (health, models, infer, generators, attacks, defenses, audits, jobs):
+    for module in (health, models, datasets, infer, generators, attacks, defenses, audits, jobs):
         app.include_router(module.router)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # multipart framing and the card travel beside the file: 1 MiB of slack
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
+                       uploads={"/v1/models": settings.max_model_bytes + 2**20,
+                                "/v1/datasets": settings.max_dataset_bytes + 2**20})
     _document_attack_schemas(app)
     return app
 

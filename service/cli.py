@@ -69,9 +69,18 @@ def worker(
     run_worker(WorkerSettings(), burst=burst, name=name)
 
 
-@app.command()
-def models() -> None:
-    """List the models in the local registry."""
+models_app = typer.Typer(help="Models: the local registry, and uploads to the service.",
+                         no_args_is_help=True)
+datasets_app = typer.Typer(help="Evaluation data sets on the service.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+UrlOption = Annotated[str, typer.Option(envvar="ADVERSA_URL", metavar="URL",
+                                        help="the gateway, e.g. http://127.0.0.1:8000")]
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the models in the local registry (this machine's var directory)."""
     from models.manifest import CardIndex
     from workers.settings import CommonSettings
 
@@ -84,6 +93,114 @@ def models() -> None:
             table.add_row(card.name, str(card.version), card.architecture,
                           f"{accuracy:.4f}" if accuracy is not None else "-")
     console.print(table)
+
+
+def _headers() -> dict[str, str]:
+    key = os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _post_files(client: httpx.Client, url: str, data: dict[str, str], files: dict[str, Any]) -> httpx.Response:
+    """POST multipart with an Idempotency-Key; retry connection errors and 5xx with the same key."""
+    headers = {**_headers(), "Idempotency-Key": str(uuid.uuid4())}
+    problem = ""
+    for attempt in range(POST_RETRIES + 1):
+        try:
+            response = client.post(url, data=data, files=files, headers=headers)
+        except httpx.TransportError as exc:
+            problem = f"cannot reach {url}: {exc!r}"
+        else:
+            if not _retryable(response):
+                return response
+            problem = _problem(response)
+        if attempt < POST_RETRIES:
+            console.print(f"[yellow]{escape(problem)}; retrying ({attempt + 1}/{POST_RETRIES})[/yellow]")
+            time.sleep(2.0 * 2**attempt)
+    raise AuditAbort(f"{problem} (gave up after {POST_RETRIES + 1} tries)")
+
+
+@models_app.command("push")
+def models_push(
+    url: UrlOption,
+    card: Annotated[Path, typer.Option(metavar="FILE", help="the model card as JSON: name, input_shape, "
+                                       "classes, bounds, normalization, architecture (safetensors)")],
+    file: Annotated[Path, typer.Argument(metavar="MODEL", help="model.onnx, or weights.safetensors")],
+    wait: Annotated[bool, typer.Option(help="wait for the registration job to end")] = True,
+    timeout: Annotated[float, typer.Option(min=0, metavar="S", help="seconds to wait")] = 1800,
+) -> None:
+    """Register a new version of your model on the service (ONNX or safetensors, never pickles).
+
+    Exit code 0: published (or queued with --no-wait); 2: refused or failed. The API key is read
+    from ADVERSA_API_KEY."""
+    try:
+        card_text = card.read_text()
+        blob = file.read_bytes()
+    except OSError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    field = "weights" if file.suffix.lower() == ".safetensors" else "model"
+    base = url.rstrip("/")
+    try:
+        with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0)) as client:
+            response = _post_files(client, f"{base}/v1/models", {"card": card_text},
+                                   {field: (file.name, blob, "application/octet-stream")})
+            if response.status_code != 202:
+                raise AuditAbort(_problem(response))
+            job = _job_json(response)
+            console.print(f"registration job {job['id']} queued ({base}/v1/jobs/{job['id']})")
+            if not wait:
+                raise typer.Exit(0)
+            job = _wait(client, base, job, _headers(), timeout, 1.0, console, time.sleep, time.monotonic)
+    except AuditAbort as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    if job.get("status") != "succeeded":
+        error = job.get("error") or {}
+        console.print(f"[red]registration {job.get('status')}:[/red] "
+                      f"{escape(str(error.get('code')))}: {escape(str(error.get('message')))}")
+        raise typer.Exit(2)
+    published = (job.get("result") or {}).get("card") or {}
+    console.print(f"published [bold]{escape(str(published.get('name')))}@{published.get('version')}[/bold] "
+                  f"(chunk size {published.get('batch_size')}, gradients "
+                  f"{'yes' if published.get('gradients') else 'no'})")
+
+
+@datasets_app.command("push")
+def datasets_push(
+    url: UrlOption,
+    name: Annotated[str, typer.Option(metavar="NAME", help="data set name (kebab-case)")],
+    file: Annotated[Path, typer.Argument(metavar="DATA", help=".npz (x, y), or .zip/.tar of class folders")],
+    classes: Annotated[str | None, typer.Option(metavar="JSON", help="class names, a JSON list")] = None,
+    split: Annotated[str, typer.Option(metavar="SPLIT", help="split name")] = "all",
+    description: Annotated[str, typer.Option(help="one line on where the data comes from")] = "",
+) -> None:
+    """Upload an evaluation set (a new version of NAME); jobs then name it as NAME@VERSION:SPLIT."""
+    spec: dict[str, Any] = {"name": name, "split": split, "description": description}
+    if classes is not None:
+        try:
+            spec["classes"] = json.loads(classes)
+        except json.JSONDecodeError as exc:
+            console.print(f"[red]error:[/red] --classes: expected a JSON list: {escape(str(exc))}")
+            raise typer.Exit(2) from None
+    try:
+        blob = file.read_bytes()
+    except OSError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    base = url.rstrip("/")
+    try:
+        with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0)) as client:
+            response = _post_files(client, f"{base}/v1/datasets", {"spec": json.dumps(spec)},
+                                   {"data": (file.name, blob, "application/octet-stream")})
+    except AuditAbort as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    if response.status_code not in (200, 201):
+        console.print(f"[red]error:[/red] {escape(_problem(response))}")
+        raise typer.Exit(2)
+    card = response.json()
+    console.print(f"stored [bold]{escape(str(card.get('name')))}@{card.get('version')}[/bold]: "
+                  f"{escape(json.dumps(card.get('splits')))}, input shape {card.get('input_shape')}")
 
 
 API_KEY_ENV = "ADVERSA_API_KEY"

@@ -20,7 +20,7 @@ import torch
 from rq.job import Job
 
 from workers.artifacts import csv_bytes
-from workers.attacks.apgd import APGDSpec
+from workers.attacks.apgd import DLR_MIN_CLASSES, APGDSpec
 from workers.attacks.cw import CarliniWagnerL2Spec
 from workers.attacks.deepfool import DeepFoolSpec
 from workers.attacks.fgsm import FGSMSpec
@@ -46,9 +46,14 @@ PROBE = "fgsm"
 # --- the plan --------------------------------------------------------------------------------
 
 
-def stage_names(spec: AuditSpec) -> tuple[dict[str, list[str]], dict[str, str]]:
+def stage_names(spec: AuditSpec, num_classes: int | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Bounded attack names per norm (suite order) and minimal attacks -> their norm; torch-free
-    twin of ``build_plan`` used by the merge."""
+    twin of ``build_plan`` used by the merge.
+
+    ``num_classes``: the model's. The standard suite leaves APGD-T out on two classes: its DLR loss
+    is not defined there (``workers.attacks.apgd.check_dlr_classes``), and targeting the one other
+    class is what APGD-CE already does.
+    """
     bounded: dict[str, list[str]] = {norm: [] for norm in spec.grids}
     minimal: dict[str, str] = {}
     for norm in spec.grids:
@@ -56,6 +61,8 @@ def stage_names(spec: AuditSpec) -> tuple[dict[str, list[str]], dict[str, str]]:
             bounded[norm] = ["fgsm", "pgd"]
         elif spec.suite == "standard":
             bounded[norm] = [PROBE, "apgd-ce", "apgd-t", "square"]
+            if num_classes is not None and num_classes < DLR_MIN_CLASSES:
+                bounded[norm].remove("apgd-t")
         elif spec.suite == "custom":
             names: list[str] = [a.name for a in spec.attacks or [] if a.name not in MINIMAL_ATTACKS
                                 and getattr(a, "norm", "linf") == norm]
@@ -72,8 +79,8 @@ def stage_names(spec: AuditSpec) -> tuple[dict[str, list[str]], dict[str, str]]:
 
 
 def build_plan(spec: AuditSpec, detector: Detector | None, surrogates: tuple[Any, ...],
-               batch_size: int) -> AuditPlan:
-    bounded, minimal_names = stage_names(spec)
+               batch_size: int, num_classes: int | None = None) -> AuditPlan:
+    bounded, minimal_names = stage_names(spec, num_classes)
     stages: dict[str, tuple[Stage, ...]] = {}
     for norm, names in bounded.items():
         made = []
@@ -100,7 +107,7 @@ def build_plan(spec: AuditSpec, detector: Detector | None, surrogates: tuple[Any
         if name == "deepfool":
             minimal.append(Stage("deepfool", DeepFoolSpec(norm="l2"), "l2", bounded=False))
         elif name == "deepfool-linf":
-            minimal.append(Stage("deepfool", DeepFoolSpec(norm="linf"), "linf", bounded=False))
+            minimal.append(Stage("deepfool", DeepFoolSpec(norm="linf"), "linf", bounded=False, key=name))
         elif name == "carlini-wagner-l2":
             minimal.append(Stage(name, CarliniWagnerL2Spec(), "l2", bounded=False))
         else:
@@ -172,7 +179,7 @@ def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
     ctx = context()
     card, model = ctx.cache.get(spec.model)
     surrogates = tuple(ctx.cache.get(ref)[1] for ref in spec.audit.surrogates)
-    x_np, y_np = load_inputs(spec, ctx.store, ctx.settings.data_dir)  # type: ignore[arg-type]
+    x_np, y_np = load_inputs(spec, ctx.store, ctx.data, card)  # type: ignore[arg-type]
     if spec.inputs.kind == "blob":  # a dataset chunk's InputRef is the chunk's own slice already
         x_np, y_np = x_np[spec.start:spec.stop], None if y_np is None else y_np[spec.start:spec.stop]
     x = torch.from_numpy(np.ascontiguousarray(x_np)).to(model.device)
@@ -181,7 +188,7 @@ def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
          else model.predict(x, batch).argmax(1))
     found = ctx.cache.index.detector(card, spec.team)
     detector = Detector(found.squeezers, found.threshold) if found is not None else None
-    plan = build_plan(spec.audit, detector, surrogates, batch)
+    plan = build_plan(spec.audit, detector, surrogates, batch, card.num_classes)
     generator = torch.Generator(device=model.device).manual_seed(spec.seed + spec.index)
     total = sum(len(s) * len(plan.grids[n]) for n, s in plan.stages.items()) + len(plan.minimal) + 2
     done = [0]
@@ -221,7 +228,7 @@ def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
             raise JobFailure(f"{len(failed)} of {len(spec.chunk_ids)} chunk jobs did not finish "
                              f"(first: {failed[0]})", "chunk-failed")
     chunks = [_load(ctx.store.get(f"audits/{spec.audit_id}/chunk-{i}.npz")) for i in range(len(spec.chunk_ids))]
-    bounded, minimal = stage_names(spec.audit)
+    bounded, minimal = stage_names(spec.audit, card.num_classes)
     found = ctx.cache.index.detector(card, spec.team)
     detector = None if found is None else {"threshold": found.threshold, "fpr": found.fpr,
                                            "model": found.model}
@@ -229,7 +236,7 @@ def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
     result = nan_to_none(result)
     result.update({"model": card.ref, "suite": spec.audit.suite, "seed": spec.seed,
                    "settings": spec.audit.model_dump(mode="json", exclude={"attacks"}),
-                   "attacks": bounded, "minimal_attacks": list(minimal)})
+                   "attacks": bounded, "minimal_attacks": list(minimal), "notes": spec.audit.notes})
     gate = parse_gate(spec.audit.thresholds)
     result["gate"] = evaluate_gate(gate, result) if gate else None
     samples = _report_samples(chunks, spec.audit.grids, spec.audit.check_eps, card.bounds)

@@ -32,8 +32,11 @@ CANDIDATE_BATCHES = (32, 64, 128, 256, 512)
 
 def card_key(card: ModelCard) -> str:
     """What identifies a model's computation: its weights, or its composition."""
-    if card.sha256 is not None:
+    if card.sha256 is not None and not card.files:
         return card.sha256[:16]
+    if card.sha256 is not None:
+        files = "".join(f"{name}={digest}" for name, digest in sorted(card.files.items()))
+        return card.sha256[:8] + hashlib.sha256(files.encode()).hexdigest()[:8]
     return "c-" + hashlib.sha256(card.model_dump_json(include={"composition"}).encode()).hexdigest()[:16]
 
 
@@ -86,7 +89,10 @@ class ModelCache:
             return card, handle
 
     def batch_size(self, card: ModelCard, model: Classifier) -> int:
-        """The measured best chunk size for forward+backward of this model on this device."""
+        """The measured best chunk size for forward+backward of this model on this device: chosen
+        at registration for uploaded models, else measured on first use and remembered."""
+        if self.device.type in card.batch_size:
+            return card.batch_size[self.device.type]
         key = f"{card_key(card)}:{self.device}"
         known = self._read_tuning()
         if key in known:

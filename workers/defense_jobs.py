@@ -2,7 +2,7 @@
 
 Orchestration only (the tensor work lives in ``workers/defenses``): validate the payload, load
 the base model and the data, run the recipe with progress and cancel checks, measure the result,
-and publish it. Publishing is the last step and is atomic (``models.registry.publish``): a job
+and publish it. Publishing is the last step and is atomic (``models.publish.publish_files``): a job
 killed or canceled at any point leaves no registry entry behind.
 """
 
@@ -20,9 +20,25 @@ from rq.job import Job
 from torch import nn
 
 from models.architectures import build
-from models.datasets import DatasetMissingError, load_split
-from models.manifest import Composition, DetectorCard, Lineage, ModelCard, team_file
-from models.registry import ModelLoadError, assemble, load_module, publish, sha256_hex, weights_bytes
+from models.manifest import (
+    ONNX_ARCHITECTURE,
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    Composition,
+    DetectorCard,
+    Lineage,
+    ModelCard,
+    team_file,
+)
+from models.publish import PublishError, publish_files
+from models.registry import (
+    assemble,
+    build_body,
+    load_module,
+    sha256_hex,
+    trainable_body,
+    weights_bytes,
+)
 from workers.attacks.base import goal_reached
 from workers.classifier import Classifier
 from workers.defenses.compose import build_composite
@@ -30,7 +46,7 @@ from workers.defenses.preprocess import bpda
 from workers.defenses.squeeze import calibrate_threshold, detection_rate, squeeze_scores
 from workers.defenses.training import Progress, TrainSpec, accuracy, soft_labels, train
 from workers.errors import JobFailure
-from workers.jobs import Context, _check_cancel, _progress, context, craft, entry
+from workers.jobs import Context, _check_cancel, _progress, context, craft, entry, load_dataset
 from workers.specs import (
     NON_DIFFERENTIABLE_STEPS,
     CarliniWagnerL2Params,
@@ -89,37 +105,30 @@ def _base(spec: DefenseJob, ctx: Context) -> tuple[ModelCard, Classifier]:
     return ctx.cache.get(spec.model)
 
 
-def _data(inputs: DatasetInputs | tuple[str, int, int | None], card: ModelCard, data_dir: str | None,
-          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A hosted data-set slice as tensors on ``device``, checked against the model's inputs."""
+def _data(inputs: DatasetInputs | tuple[str, int, int | None], card: ModelCard, ctx: Context,
+          device: torch.device, team: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A data-set slice (``limit`` None: to the end) as tensors on ``device``, in the model's bounds,
+    checked against the model's inputs again (``workers.jobs.load_dataset``)."""
     limit: int | None
     if isinstance(inputs, DatasetInputs):
         name, offset, limit = inputs.dataset, inputs.offset, inputs.limit
     else:
         name, offset, limit = inputs
-    try:
-        split = load_split(name, data_dir)
-    except (DatasetMissingError, ValueError) as exc:
-        raise JobFailure(f"data: {exc}", "invalid-data") from exc
-    x, y = split.slice(offset, limit if limit is not None else len(split.labels) - offset)
+    x, y = load_dataset(ctx.data, name, offset, limit, team, card, field="data")
     if x.shape[0] == 0:
         raise JobFailure(f"data: expected samples in {name} from offset {offset}, got none", "invalid-data")
-    if tuple(x.shape[1:]) != tuple(card.input_shape) or int(y.max()) >= card.num_classes:
-        raise JobFailure(f"data: expected inputs of shape {list(card.input_shape)} and "
-                         f"{card.num_classes} classes for {card.ref}, got {name} with shape "
-                         f"{list(x.shape[1:])}", "incompatible-data")
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
 
 def measure(model: Classifier, card: ModelCard, evaluation: Evaluation, ctx: Context, seed: int,
-            job: Job | None = None) -> dict[str, float]:
+            job: Job | None = None, team: str | None = None) -> dict[str, float]:
     """The card's metrics: clean accuracy and PGD robust accuracy (Linf) on the test data.
 
     For a model whose gradients are useless (bit depth, JPEG), the PGD figure with plain gradients
     is reported next to the one with BPDA (straight-through gradients), which is the honest one.
     """
     device = model.device
-    x, y = _data((evaluation.data, 0, evaluation.clean_limit), card, ctx.settings.data_dir, device)
+    x, y = _data((evaluation.data, 0, evaluation.clean_limit), card, ctx, device, team)
     metrics = {"clean_accuracy": round(accuracy(model.module, x, y, 500), 4)}
     n = min(evaluation.robust_limit, x.shape[0])
     if n == 0:
@@ -152,14 +161,19 @@ def _output_card(spec: DefenseJob, base: ModelCard, **fields: Any) -> ModelCard:
     return ModelCard.model_validate(values)
 
 
-def _publish(spec: DefenseJob, ctx: Context, root: Path, card: ModelCard, weights: bytes | None) -> ModelCard:
-    """The last step of a job: after it, the model exists; before it, nothing of it does."""
+def _publish(spec: DefenseJob, ctx: Context, root: Path, card: ModelCard, files: dict[str, bytes]) -> ModelCard:
+    """The last step of a job: after it, the model exists; before it, nothing of it does.
+    ``files``: file name -> bytes, each checked against the digest the card gives it."""
+    digests = {**card.files, **({card.weights_file: card.sha256} if card.sha256 else {})}
+    if set(files) != set(digests) or any(sha256_hex(data) != digests[name] for name, data in files.items()):
+        raise JobFailure(f"{card.name}: expected files {sorted(digests)} matching the card's sha256, "
+                         f"got {sorted(files)}", "publish-failed")
     taken = [v for r in ctx.cache.index.roots if r != root
              for v in ([] if not (r / card.name).is_dir() else
                        [int(p.name) for p in (r / card.name).iterdir() if p.name.isdigit()])]
     try:
-        return publish(root, card, weights, taken)
-    except ModelLoadError as exc:
+        return publish_files(root, card, files, taken)
+    except PublishError as exc:
         raise JobFailure(str(exc), "publish-failed") from exc
 
 
@@ -178,16 +192,26 @@ def _training(spec: DefenseJob, defense: FGSMTrainingParams | PGDTrainingParams 
         raise JobFailure(f"model: expected a model with weights to train, got the "
                          f"{base_card.composition.kind} composition {base_card.ref}", "not-trainable")
     device = base.device
-    x, y = _data((defense.data, 0, defense.limit), base_card, ctx.settings.data_dir, device)
+    x, y = _data((defense.data, 0, defense.limit), base_card, ctx, device, spec.team)
     generator = torch.Generator().manual_seed(spec.seed)
+
+    directory = ctx.cache.index.directory(base_card.name, base_card.version)
+    assert directory is not None
+    onnx = base_card.architecture == ONNX_ARCHITECTURE
 
     def fresh() -> tuple[nn.Module, nn.Module]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            body = build(base_card.architecture, base_card.input_shape, base_card.num_classes)
-        if defense.init == "base":
-            directory = ctx.cache.index.directory(base_card.name, base_card.version)
-            assert directory is not None
+            if onnx:  # an uploaded graph: its converted module is the architecture
+                body = build_body(base_card, directory)
+                if defense.init == "scratch":
+                    for part in body.modules():
+                        reset = getattr(part, "reset_parameters", None)
+                        if callable(reset):
+                            reset()
+            else:
+                body = build(base_card.architecture, base_card.input_shape, base_card.num_classes)
+        if defense.init == "base" and not onnx:
             _, loaded = load_module(directory)
             body.load_state_dict(loaded.get_submodule("1").state_dict())
         module = assemble(base_card, body).to(device)
@@ -236,17 +260,24 @@ def _training(spec: DefenseJob, defense: FGSMTrainingParams | PGDTrainingParams 
     module.requires_grad_(False)
     _check_cancel(job)
     _progress(job, 0.96, stage={"phase": "evaluate"})
-    weights = weights_bytes(body)
-    draft = _output_card(spec, base_card, sha256=sha256_hex(weights), lineage=Lineage(
+    weights = weights_bytes(trainable_body(body))
+    if onnx:  # the same graph with new weights
+        files = {ONNX_FILE: (directory / ONNX_FILE).read_bytes(), WEIGHTS_FILE: weights}
+        kept = {"sha256": base_card.sha256, "files": {WEIGHTS_FILE: sha256_hex(weights)},
+                "static_batch": base_card.static_batch}
+    else:
+        files, kept = {WEIGHTS_FILE: weights}, {"sha256": sha256_hex(weights)}
+    draft = _output_card(spec, base_card, **kept, batch_size=base_card.batch_size, lineage=Lineage(
         base_model=base_card.ref, recipe=defense.name, data=defense.data, seed=spec.seed,
         parameters={**defense.model_dump(exclude={"name"}), "training": reports,
                     "evaluation": spec.evaluation.model_dump(),
                     "torch": torch.__version__.split("+")[0], "device": str(device)},
         created=_now()), description=_describe(defense, base_card))
     handle = Classifier(module, draft.num_classes, draft.input_shape, draft.bounds, spec.output or "")
-    draft = draft.model_copy(update={"metrics": measure(handle, draft, spec.evaluation, ctx, spec.seed, job)})
+    metrics = measure(handle, draft, spec.evaluation, ctx, spec.seed, job, spec.team)
+    draft = draft.model_copy(update={"metrics": metrics})
     _check_cancel(job)
-    card = _publish(spec, ctx, root, draft, weights)
+    card = _publish(spec, ctx, root, draft, files)
     return _summary(card)
 
 
@@ -304,9 +335,10 @@ def _composition(spec: DefenseJob, defense: PreprocessingParams | EnsembleParams
     handle = Classifier(module, draft.num_classes, draft.input_shape, draft.bounds, spec.output or "",
                         differentiable=draft.differentiable)
     _progress(job, 0.5, stage={"phase": "evaluate"})
-    draft = draft.model_copy(update={"metrics": measure(handle, draft, spec.evaluation, ctx, spec.seed, job)})
+    metrics = measure(handle, draft, spec.evaluation, ctx, spec.seed, job, spec.team)
+    draft = draft.model_copy(update={"metrics": metrics})
     _check_cancel(job)
-    card = _publish(spec, ctx, root, draft, None)
+    card = _publish(spec, ctx, root, draft, {})
     return _summary(card)
 
 
@@ -335,16 +367,16 @@ def _feature_squeezing(spec: DefenseJob, defense: FeatureSqueezingParams, ctx: C
             if size > min(card.input_shape[1:]):
                 raise JobFailure(f"defense.squeezers: expected windows at most the input size "
                                  f"{list(card.input_shape[1:])}, got {size}", "incompatible-model")
-    x_cal, _ = _data(defense.calibration, card, ctx.settings.data_dir, device)
+    x_cal, _ = _data(defense.calibration, card, ctx, device, spec.team)
     _progress(job, 0.05, stage={"phase": "calibrate"})
     threshold = calibrate_threshold(squeeze_scores(model.module, x_cal, squeezers, card.bounds), defense.fpr)
-    x_held, _ = _data(defense.held_out, card, ctx.settings.data_dir, device)
+    x_held, _ = _data(defense.held_out, card, ctx, device, spec.team)
     held_scores = squeeze_scores(model.module, x_held, squeezers, card.bounds)
     metrics: dict[str, float] = {
         "false_positive_rate": round(detection_rate(held_scores, threshold), 4),
         "held_out_n": float(x_held.shape[0]),
     }
-    x, y = _data(defense.attack_inputs, card, ctx.settings.data_dir, device)
+    x, y = _data(defense.attack_inputs, card, ctx, device, spec.team)
     batch = ctx.cache.batch_size(card, model)
     correct = model.predict(x, batch).argmax(1) == y
     attacks: dict[str, Any] = {}

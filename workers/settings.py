@@ -22,6 +22,15 @@ class CommonSettings(BaseSettings):
     job_timeout_s: int = Field(default=3600, ge=10)
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     queue_prefix: str = Field(default="", pattern=r"^[a-z0-9-]*$")
+    max_model_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024,
+                                 description="largest uploaded model file (ViT-B/16 weights: 330 MB)")
+    max_parameters: int = Field(default=400_000_000, ge=1, description="parameters of an uploaded model")
+    max_input_values: int = Field(default=3 * 1024 * 1024, ge=1,
+                                  description="C x H x W of an uploaded model's input")
+    max_models_per_team: int = Field(default=50, ge=0, description="model versions a team may hold")
+    max_model_bytes_per_team: int = Field(default=8 * 1024**3, ge=0,
+                                          description="bytes of model files a team may hold")
+    registration_timeout_s: int = Field(default=1800, ge=60)
 
     @property
     def blob_root(self) -> Path:
@@ -34,6 +43,10 @@ class CommonSettings(BaseSettings):
     @property
     def generators_root(self) -> Path:
         return self.var_dir / "generators"
+
+    @property
+    def datasets_root(self) -> Path:
+        return self.var_dir / "datasets"
 
     def queue_name(self, name: str) -> str:
         return f"{self.queue_prefix}{name}"

@@ -204,13 +204,17 @@ ATTACK_NAMES = ("fgsm", "pgd", "deepfool", "mi-fgsm", "carlini-wagner-l2", "jsma
                 "apgd-t", "square", "hop-skip-jump", "advgan")
 BLACK_BOX_ATTACKS = frozenset({"square", "hop-skip-jump"})
 MINIMAL_ATTACKS = frozenset({"deepfool", "carlini-wagner-l2", "hop-skip-jump", "jsma"})
+# JSMA in logit space searches feature pairs: quadratic in C x H x W, refused above this.
+JSMA_MAX_PAIR_FEATURES = 2**14
 
 
 # --- inputs ----------------------------------------------------------------------------------
 
 
 class DatasetInputs(Strict):
-    dataset: str = Field(description="a hosted data set, e.g. fashion-mnist:test")
+    dataset: str = Field(description="a data-set split: hosted (fashion-mnist:test, skimage-patches:test) "
+                                     "or one of your sets as name[@version]:split (my-eval@2:all; the "
+                                     "latest version without @), see GET /v1/datasets")
     offset: int = Field(default=0, ge=0)
     limit: int = Field(default=100, ge=1)
 
@@ -317,7 +321,8 @@ class TrainingParams(Strict):
     epochs: int = Field(default=6, ge=1, le=200)
     batch_size: int = Field(default=128, ge=8, le=4096)
     lr: float = Field(default=2e-3, gt=0, le=1, description="peak Adam learning rate (one-cycle)")
-    data: str = Field(default="fashion-mnist:train", description="hosted data set to train on")
+    data: str = Field(default="fashion-mnist:train", description="data set to train on: hosted "
+                      "(fashion-mnist:train, skimage-patches:train) or yours (name[@version]:split)")
     limit: int | None = Field(default=None, ge=100, description="train on the first `limit` samples")
     init: Literal["scratch", "base"] = "scratch"
 
@@ -413,8 +418,10 @@ DEFENSE_SUFFIX = {
 class Evaluation(Strict):
     """How a new model is measured before it is published (the card's metrics)."""
 
-    data: str = "fashion-mnist:test"
-    clean_limit: int = Field(default=10_000, ge=1, description="test images for clean accuracy")
+    data: str = Field(default="fashion-mnist:test", description="test data: hosted (fashion-mnist:test, "
+                      "skimage-patches:test) or yours (name[@version]:split)")
+    clean_limit: int = Field(default=10_000, ge=1, description="test images for clean accuracy (at most: "
+                                                             "a smaller set is measured whole)")
     robust_limit: int = Field(default=1000, ge=0, description="test images for PGD robust accuracy")
     eps: float = Field(default=0.1, gt=0, description="Linf budget of the PGD evaluation")
     steps: int = Field(default=20, ge=1, le=1000)
@@ -462,7 +469,8 @@ class AdvGANTraining(Strict):
     epochs: int = Field(default=10, ge=1, le=200)
     batch_size: int = Field(default=128, ge=8, le=4096)
     lr: float = Field(default=1e-3, gt=0, le=1, description="Adam (betas 0.5, 0.999) for G and D")
-    data: str = Field(default="fashion-mnist:train", description="hosted data set to train on")
+    data: str = Field(default="fashion-mnist:train", description="data set to train on: hosted "
+                      "(fashion-mnist:train, skimage-patches:train) or yours (name[@version]:split)")
     limit: int | None = Field(default=None, ge=1, description="train on the first `limit` samples")
     mode: Literal["semi-white-box", "black-box"] = Field(
         default="semi-white-box",
@@ -488,8 +496,9 @@ class GeneratorRequest(AdvGANTraining):
 
 
 class InputRef(Strict):
-    """Where a worker finds a job's inputs: a hosted data-set slice or an ``.npz`` blob
-    (``x`` float32 NCHW in the model's bounds, optional ``y`` int64)."""
+    """Where a worker finds a job's inputs: a data-set slice (``dataset``: the reference the gateway
+    resolved, a team set's version pinned; values in [0, 1], scaled to the model's bounds by the
+    worker) or an ``.npz`` blob (``x`` float32 NCHW in the model's bounds, optional ``y`` int64)."""
 
     kind: Literal["dataset", "blob"]
     n: int = Field(ge=1)
@@ -644,6 +653,7 @@ class AuditSpec(Strict):
     surrogates: list[str] = Field(default_factory=list)
     transfer_eps: float | None = None
     thresholds: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list, description="what the gateway changed and why")
 
 
 class AuditChunkJob(Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import secrets
 import uuid
 from typing import Any
@@ -14,10 +15,10 @@ from pydantic import ValidationError
 from rq.job import Job
 from starlette.datastructures import UploadFile
 
-from models.datasets import load_split
 from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from service import inputs as inp
 from service.deps import (
+    DataCatalogDep,
     GeneratorsDep,
     QueueDep,
     RegistryDep,
@@ -32,6 +33,7 @@ from service.routes.accept import accept
 from service.settings import Settings
 from workers.specs import (
     BLACK_BOX_ATTACKS,
+    JSMA_MAX_PAIR_FEATURES,
     AdvGANParams,
     APGDTParams,
     ArrayInputs,
@@ -44,6 +46,7 @@ from workers.specs import (
     ImageInputs,
     InputRef,
     JobView,
+    JSMAParams,
 )
 
 router = APIRouter(prefix="/v1/attacks", tags=["attacks"])
@@ -105,12 +108,18 @@ def check_attack(request: AttackRequest, card: ModelCard, n: int, labels: np.nda
         raise invalid("attack.initial_num_evals", f"expected at most max_num_evals "
                                                   f"({attack.max_num_evals}), got {attack.initial_num_evals}")
     if isinstance(attack, APGDTParams):
-        if card.num_classes < 4:
-            raise invalid("attack.name", f"expected a model with at least 4 classes for the "
+        if card.num_classes < 3:
+            raise invalid("attack.name", f"expected a model with at least 3 classes for the "
                                          f"targeted DLR loss, got {card.num_classes}")
         if attack.n_target_classes > card.num_classes - 1:
             raise invalid("attack.n_target_classes", f"expected at most {card.num_classes - 1}, "
                                                       f"got {attack.n_target_classes}")
+    if isinstance(attack, JSMAParams) and attack.space == "logits" and (
+        math.prod(card.input_shape) > JSMA_MAX_PAIR_FEATURES
+    ):
+        raise invalid("attack.space", f"expected space 'probabilities' on inputs of more than "
+                                      f"{JSMA_MAX_PAIR_FEATURES} values (the logit-space pair search is "
+                                      f"quadratic in them), got {math.prod(card.input_shape)}")
     if isinstance(attack, DeepFoolParams):
         if attack.max_iter > settings.max_steps:
             raise invalid("attack.max_iter", f"expected at most {settings.max_steps}, "
@@ -227,7 +236,7 @@ async def _parse(request: Request) -> tuple[AttackRequest, list[tuple[str, bytes
              responses={202: {"description": "job queued; Location points to it"}})
 async def create_attack(request: Request, response: Response, settings: SettingsDep,
                         queues: QueueDep, index: RegistryDep, generators: GeneratorsDep,
-                        store: StoreDep, team: TeamDep) -> JobView:
+                        store: StoreDep, data: DataCatalogDep, team: TeamDep) -> JobView:
     """Queue an attack job on a registered model. Answers 202 with the job and a Location."""
     parsed, files, labels, digest = await _parse(request)
     card = visible_card(index, parsed.model, team)
@@ -246,13 +255,13 @@ async def create_attack(request: Request, response: Response, settings: Settings
                        has_labels=decoded.y is not None)
     else:
         assert isinstance(parsed.inputs, DatasetInputs)
-        n = inp.check_dataset(parsed.inputs, card, settings.max_inputs, settings.data_dir)
+        # The job reads the version checked here, even if a newer one is uploaded meanwhile.
+        pinned = inp.check_dataset(parsed.inputs, card, settings.max_inputs, data, team)
+        n = pinned.limit
         label_array = None
         if getattr(parsed.attack, "targets", None) is not None:
-            label_array = load_split(parsed.inputs.dataset, settings.data_dir).labels[
-                parsed.inputs.offset : parsed.inputs.offset + n]
-        ref = InputRef(kind="dataset", n=n, dataset=parsed.inputs.dataset,
-                       offset=parsed.inputs.offset)
+            label_array = inp.dataset_labels(data, pinned, team, "inputs.dataset")
+        ref = InputRef(kind="dataset", n=n, dataset=pinned.dataset, offset=pinned.offset)
     check_attack(parsed, card, n, label_array, settings)
     surrogate = check_surrogate(parsed, card, index, team)
     generator = check_generator(parsed, card, generators, team)

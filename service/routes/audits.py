@@ -15,13 +15,14 @@ from rq.job import Dependency, Job
 
 from models.manifest import CardIndex, ModelCard
 from service import inputs as inp
-from service.deps import QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
+from service.deps import DataCatalogDep, QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
 from service.errors import Problem, invalid
 from service.routes.accept import accept
 from service.routes.attacks import check_attack
 from service.settings import Settings
 from workers.audit.gate import GateError, parse_gate
 from workers.specs import (
+    BLACK_BOX_ATTACKS,
     DEFAULT_CHECK_EPS,
     DEFAULT_GRIDS,
     ArrayInputs,
@@ -34,6 +35,7 @@ from workers.specs import (
     ImageInputs,
     InputRef,
     JobView,
+    SquareParams,
 )
 
 router = APIRouter(prefix="/v1/audits", tags=["audits"])
@@ -44,7 +46,9 @@ def _grids(body: AuditRequest, card: ModelCard, suite: str) -> dict[str, list[fl
     norms = body.norms or (list(body.eps) if body.eps else (["l2"] if suite == "minimal" else ["linf"]))
     grids: dict[str, list[float]] = {}
     for norm in norms:
-        grid = sorted(set((body.eps or {}).get(norm) or DEFAULT_GRIDS[norm]))
+        # The default grids are for inputs in [0, 1]: other bounds scale them with the range.
+        scale = card.bounds[1] - card.bounds[0]
+        grid = sorted(set((body.eps or {}).get(norm) or [e * scale for e in DEFAULT_GRIDS[norm]]))
         if len(grid) > MAX_GRID:
             raise invalid(f"eps.{norm}", f"expected at most {MAX_GRID} values, got {len(grid)}")
         limit = inp.max_eps(card, norm)
@@ -92,10 +96,31 @@ def _nearest(grid: list[float], target: float) -> float:
     return min(grid, key=lambda e: abs(e - target))
 
 
+def _black_box(body: AuditRequest, card: ModelCard) -> tuple[AuditRequest, list[str]]:
+    """A model whose input gradients are zero or unusable (its registration probe said so) is
+    audited with score-based black-box attacks only: white-box suites would report robustness
+    that is only masked gradients."""
+    if card.gradients:
+        return body, []
+    norms = body.norms or (list(body.eps) if body.eps else ["linf"])
+    attacks = [a for a in body.attacks or [] if a.name in BLACK_BOX_ATTACKS]
+    if not attacks:
+        attacks = [SquareParams(name="square", norm=norm, eps=1.0, max_queries=body.square_queries)
+                   for norm in norms if norm in ("linf", "l2")]
+    note = (f"{card.ref} has no usable input gradients (its registration probe found them zero or "
+            f"non-finite): audited with black-box attacks only ({', '.join(a.name for a in attacks)}) "
+            f"instead of the {body.suite or 'standard'} suite")
+    return body.model_copy(update={"suite": "custom", "attacks": attacks, "norms": norms}), [note]
+
+
 def check_audit(body: AuditRequest, card: ModelCard, n: int, labels: np.ndarray | None, index: CardIndex,
                 team: str, settings: Settings) -> AuditSpec:
     if body.attacks is not None and body.suite not in (None, "custom"):
         raise invalid("attacks", f"expected attacks only with the custom suite, got suite {body.suite}")
+    if "n_target_classes" not in body.model_fields_set:  # the default 9 fits 10 classes and more
+        body = body.model_copy(update={"n_target_classes": max(1, min(body.n_target_classes,
+                                                                      card.num_classes - 1))})
+    body, notes = _black_box(body, card)
     suite = body.suite or ("custom" if body.attacks else "standard")
     if suite == "custom" and not body.attacks:
         raise invalid("attacks", "expected a list of attack specs for the custom suite")
@@ -133,28 +158,33 @@ def check_audit(body: AuditRequest, card: ModelCard, n: int, labels: np.ndarray 
         raise invalid("transfer_eps", f"expected at most {inp.max_eps(card, 'linf'):g}, "
                                       f"got {body.transfer_eps:g}")
     _check_gate(body, grids, card)
-    check_eps = {norm: _nearest(grid, DEFAULT_CHECK_EPS[norm]) for norm, grid in grids.items()}
+    scale = card.bounds[1] - card.bounds[0]
+    check_eps = {norm: _nearest(grid, DEFAULT_CHECK_EPS[norm] * scale) for norm, grid in grids.items()}
     return AuditSpec(suite=suite, attacks=body.attacks, grids=grids, check_eps=check_eps, steps=body.steps,
                      n_target_classes=body.n_target_classes, square_queries=body.square_queries,
-                     surrogates=surrogates, transfer_eps=(body.transfer_eps or 0.1) if surrogates else None,
-                     thresholds=body.thresholds)
+                     surrogates=surrogates,
+                     transfer_eps=(body.transfer_eps or 0.1 * scale) if surrogates else None,
+                     thresholds=body.thresholds, notes=notes)
 
 
 @router.post("", status_code=202, response_model=JobView,
              responses={202: {"description": "audit queued; Location points to it"}})
 async def create_audit(body: AuditRequest, request: Request, response: Response, settings: SettingsDep,
-                       queues: QueueDep, index: RegistryDep, store: StoreDep, team: TeamDep) -> JobView:
+                       queues: QueueDep, index: RegistryDep, store: StoreDep, data: DataCatalogDep,
+                       team: TeamDep) -> JobView:
     """Queue a robustness audit: the suite over the eps grid on the sample, split into chunk jobs
     that any worker can take, merged by a final job whose result carries the verdict."""
     card = visible_card(index, body.model, team)
     audit_id = uuid.uuid4().hex
+    pinned: DatasetInputs | None = None
     if isinstance(body.inputs, ArrayInputs | ImageInputs):
         decoded = inp.decode_inline(body.inputs, card, settings.max_inputs)
         n, labels = decoded.x.shape[0], decoded.y
     else:
         assert isinstance(body.inputs, DatasetInputs)
         decoded = None
-        n = inp.check_dataset(body.inputs, card, settings.max_inputs, settings.data_dir)
+        pinned = inp.check_dataset(body.inputs, card, settings.max_inputs, data, team)
+        n = pinned.limit
         labels = None
     audit = check_audit(body, card, n, labels, index, team, settings)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
@@ -175,9 +205,9 @@ async def create_audit(body: AuditRequest, request: Request, response: Response,
                     ref = InputRef(kind="blob", n=n, key=f"inputs/{audit_id}.npz",
                                    has_labels=decoded.y is not None)
                 else:
-                    assert isinstance(body.inputs, DatasetInputs)
-                    ref = InputRef(kind="dataset", n=stop - start, dataset=body.inputs.dataset,
-                                   offset=body.inputs.offset + start)
+                    assert pinned is not None
+                    ref = InputRef(kind="dataset", n=stop - start, dataset=pinned.dataset,
+                                   offset=pinned.offset + start)
                 chunk_id = f"{audit_id}c{i}"
                 chunk = AuditChunkJob(job_id=chunk_id, audit_id=audit_id, team=team, model=card.ref, inputs=ref,
                                       start=start, stop=stop, index=i, seed=seed, audit=audit)

@@ -13,10 +13,10 @@ import uuid
 from fastapi import APIRouter, Request, Response
 from rq.job import Job
 
-from models import datasets
+from models.datasets import DataCatalog
 from models.manifest import NAME_RE, CardIndex, ModelCard
 from service import inputs as inp
-from service.deps import QueueDep, RegistryDep, SettingsDep, TeamDep, visible_card
+from service.deps import DataCatalogDep, QueueDep, RegistryDep, SettingsDep, TeamDep, visible_card
 from service.errors import Problem, invalid
 from service.routes.accept import accept
 from service.settings import Settings
@@ -28,6 +28,7 @@ from workers.specs import (
     DefenseRequest,
     DistillationParams,
     EnsembleParams,
+    Evaluation,
     FeatureSqueezingParams,
     FGSMTrainingParams,
     JobView,
@@ -70,22 +71,30 @@ def _check_output(name: str, index: CardIndex, team: str) -> None:
 
 
 def _check_training_data(field: str, data: str, limit: int | None, card: ModelCard,
-                         settings: Settings) -> None:
-    try:
-        size = datasets.split_size(data, settings.data_dir)
-    except ValueError as exc:
-        raise invalid(field, str(exc)) from None
-    except datasets.DatasetMissingError as exc:
-        raise Problem(503, str(exc), code="dataset-missing") from None
-    if limit is not None and limit > size:
-        raise invalid("defense.limit", f"expected at most {size} samples of {data}, got {limit}")
-    inp.check_dataset(DatasetInputs(dataset=data, offset=0, limit=min(limit or size, size)), card,
-                      size, settings.data_dir, field=field)
+                         catalog: DataCatalog, team: str) -> str:
+    """The training set fits the model and holds ``limit`` samples; returns its pinned reference."""
+    info = inp.describe_dataset(catalog, data, team, field)
+    if limit is not None and limit > info.size:
+        raise invalid("defense.limit", f"expected at most {info.size} samples of {info.ref}, got {limit}")
+    pinned = inp.check_dataset(DatasetInputs(dataset=data, offset=0, limit=min(limit or info.size, info.size)),
+                               card, info.size, catalog, team, field=field)
+    return pinned.dataset
 
 
-def check_defense(request: DefenseRequest, index: CardIndex, team: str,
-                  settings: Settings) -> tuple[ModelCard, str | None]:
-    """Everything that can be checked before queueing; returns the base card and the output name."""
+def _check_evaluation(evaluation: Evaluation, card: ModelCard, catalog: DataCatalog, team: str) -> Evaluation:
+    """The test data fits the model (``clean_limit`` is at most: a smaller set is measured whole);
+    returns the evaluation with its reference pinned."""
+    info = inp.describe_dataset(catalog, evaluation.data, team, "evaluation.data")
+    pinned = inp.check_dataset(DatasetInputs(dataset=evaluation.data, offset=0,
+                                             limit=min(evaluation.clean_limit, info.size)),
+                               card, 100_000, catalog, team, field="evaluation")
+    return evaluation.model_copy(update={"data": pinned.dataset})
+
+
+def check_defense(request: DefenseRequest, index: CardIndex, team: str, settings: Settings,
+                  catalog: DataCatalog) -> tuple[ModelCard, str | None, DefenseRequest]:
+    """Everything that can be checked before queueing; returns the base card, the output name and
+    the request with its data references pinned (the job reads the versions checked here)."""
     defense = request.defense
     if isinstance(defense, EnsembleParams):
         if request.model is not None:
@@ -103,7 +112,8 @@ def check_defense(request: DefenseRequest, index: CardIndex, team: str,
         epochs = max(defense.epochs, getattr(defense, "teacher_epochs", None) or 0)
         if epochs > settings.max_epochs:
             raise invalid("defense.epochs", f"expected at most {settings.max_epochs} epochs, got {epochs}")
-        _check_training_data("defense.data", defense.data, defense.limit, base, settings)
+        defense = defense.model_copy(update={"data": _check_training_data(
+            "defense.data", defense.data, defense.limit, base, catalog, team)})
         eps = getattr(defense, "eps", None)
         if eps is not None and eps > inp.max_eps(base, "linf"):
             raise invalid("defense.eps", f"expected 0 < eps <= {inp.max_eps(base, 'linf'):g} on inputs "
@@ -128,16 +138,15 @@ def check_defense(request: DefenseRequest, index: CardIndex, team: str,
     if isinstance(defense, FeatureSqueezingParams):
         if request.output is not None:
             raise invalid("output", "expected no output name: a detector is stored with its model")
-        for what in ("calibration", "held_out", "attack_inputs"):
-            inp.check_dataset(getattr(defense, what), base, 100_000, settings.data_dir,
-                              field=f"defense.{what}")
+        defense = defense.model_copy(update={
+            what: inp.check_dataset(getattr(defense, what), base, 100_000, catalog, team,
+                                    field=f"defense.{what}")
+            for what in ("calibration", "held_out", "attack_inputs")})
         if defense.eps > inp.max_eps(base, "linf"):
             raise invalid("defense.eps", f"expected 0 < eps <= {inp.max_eps(base, 'linf'):g}, "
                                          f"got {defense.eps:g}")
-        return base, None
-    evaluation = request.evaluation
-    inp.check_dataset(DatasetInputs(dataset=evaluation.data, offset=0, limit=evaluation.clean_limit),
-                      base, 100_000, settings.data_dir, field="evaluation")
+        return base, None, request.model_copy(update={"defense": defense})
+    evaluation = _check_evaluation(request.evaluation, base, catalog, team)
     if evaluation.robust_limit > min(evaluation.clean_limit, settings.max_inputs):
         raise invalid("evaluation.robust_limit", f"expected at most clean_limit and "
                                                  f"{settings.max_inputs}, got {evaluation.robust_limit}")
@@ -152,21 +161,22 @@ def check_defense(request: DefenseRequest, index: CardIndex, team: str,
         if taken is not None and taken.team != team:  # a hosted model's name: say whose this is
             output = f"{output}-{team}"[:63].rstrip("-").lower()
     _check_output(output, index, team)
-    return base, output
+    return base, output, request.model_copy(update={"defense": defense, "evaluation": evaluation})
 
 
 @router.post("", status_code=202, response_model=JobView,
              responses={202: {"description": "job queued; Location points to it"}})
 async def create_defense(body: DefenseRequest, request: Request, response: Response,
                          settings: SettingsDep, queues: QueueDep, index: RegistryDep,
-                         team: TeamDep) -> JobView:
+                         data: DataCatalogDep, team: TeamDep) -> JobView:
     """Queue a defense job. Its result is a new model version (with lineage and measured metrics
     in its card) or, for `feature-squeezing`, a calibrated detector stored with the model."""
-    base, output = check_defense(body, index, team, settings)
+    base, output, pinned = check_defense(body, index, team, settings, data)
     job_id = uuid.uuid4().hex
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     model_ref = None if isinstance(body.defense, EnsembleParams) else base.ref
     digest = json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
+    body = pinned
     if isinstance(body.defense, EnsembleParams):
         body = body.model_copy(update={"defense": body.defense.model_copy(update={
             "members": [c.ref for c in _members(body, index, team)]})})

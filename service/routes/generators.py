@@ -13,11 +13,12 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from rq.job import Job
 
-from models import datasets
-from models.manifest import NAME_RE, CardIndex, GeneratorIndex, ModelCard, parse_ref
+from models.datasets import DataCatalog
+from models.manifest import NAME_RE, CardIndex, GeneratorIndex, ModelCard
 from models.publish import unpublish
 from service import inputs as inp
 from service.deps import (
+    DataCatalogDep,
     GeneratorsDep,
     QueueDep,
     RegistryDep,
@@ -27,6 +28,7 @@ from service.deps import (
     visible_generator,
 )
 from service.errors import Problem, invalid
+from service.forms import exact_version
 from service.routes.accept import accept
 from service.settings import Settings
 from workers.specs import DatasetInputs, GeneratorJob, GeneratorRequest, JobView
@@ -35,18 +37,18 @@ router = APIRouter(prefix="/v1/attacks/generators", tags=["generators"])
 SUFFIX = "advgan"
 
 
-def _check_data(body: GeneratorRequest, card: ModelCard, settings: Settings) -> None:
-    try:
-        size = datasets.split_size(body.data, settings.data_dir)
-    except ValueError as exc:
-        raise invalid("data", str(exc)) from None
-    except datasets.DatasetMissingError as exc:
-        raise Problem(503, str(exc), code="dataset-missing") from None
-    if body.limit is not None and body.limit > size:
-        raise invalid("limit", f"expected at most {size} samples of {body.data}, got {body.limit}")
-    inp.check_dataset(DatasetInputs(dataset=body.data, offset=0, limit=min(body.limit or size, size)),
-                      card, size, settings.data_dir, field="data")
-    inp.check_dataset(body.evaluation, card, settings.max_inputs, settings.data_dir, field="evaluation")
+def _check_data(body: GeneratorRequest, card: ModelCard, settings: Settings, catalog: DataCatalog,
+                team: str) -> GeneratorRequest:
+    """The training and held-out data fit the target; returns the request with both pinned."""
+    info = inp.describe_dataset(catalog, body.data, team, "data")
+    if body.limit is not None and body.limit > info.size:
+        raise invalid("limit", f"expected at most {info.size} samples of {info.ref}, got {body.limit}")
+    limit = min(body.limit or info.size, info.size)
+    data = inp.check_dataset(DatasetInputs(dataset=body.data, offset=0, limit=limit), card, info.size, catalog,
+                             team, field="data")
+    evaluation = inp.check_dataset(body.evaluation, card, settings.max_inputs, catalog, team,
+                                   field="evaluation")
+    return body.model_copy(update={"data": data.dataset, "evaluation": evaluation})
 
 
 def _output(body: GeneratorRequest, card: ModelCard, generators: GeneratorIndex, team: str) -> str:
@@ -67,8 +69,10 @@ def _output(body: GeneratorRequest, card: ModelCard, generators: GeneratorIndex,
 
 
 def check_generator_request(body: GeneratorRequest, index: CardIndex, generators: GeneratorIndex,
-                            team: str, settings: Settings) -> tuple[ModelCard, str]:
-    """Everything that can be checked before queueing; returns the target's card and the output name."""
+                            team: str, settings: Settings, catalog: DataCatalog
+                            ) -> tuple[ModelCard, str, GeneratorRequest]:
+    """Everything that can be checked before queueing; returns the target's card, the output name and
+    the request with its data references pinned (the job reads the versions checked here)."""
     card = visible_card(index, body.model, team)
     limit = inp.max_eps(card, "linf")
     if body.eps > limit:
@@ -88,24 +92,25 @@ def check_generator_request(body: GeneratorRequest, index: CardIndex, generators
     if body.mode == "semi-white-box" and not card.differentiable:
         raise invalid("mode", f"expected black-box for {card.ref}: its gradients are useless "
                               f"(a non-differentiable composition)")
-    _check_data(body, card, settings)
-    return card, _output(body, card, generators, team)
+    pinned = _check_data(body, card, settings, catalog, team)
+    return card, _output(body, card, generators, team), pinned
 
 
 @router.post("", status_code=202, response_model=JobView,
              responses={202: {"description": "job queued; Location points to it"}})
 async def create_generator(body: GeneratorRequest, request: Request, response: Response,
                            settings: SettingsDep, queues: QueueDep, index: RegistryDep,
-                           generators: GeneratorsDep, team: TeamDep) -> JobView:
+                           generators: GeneratorsDep, data: DataCatalogDep, team: TeamDep) -> JobView:
     """Queue the training of an AdvGAN generator against `model`. Progress (`stage`: epoch,
     batch, loss_g, loss_d, success, queries) shows in `GET /v1/jobs/{id}`; `DELETE` cancels. At
     the end the generator is measured on held-out data and published (card with lineage and
     metrics, `GET /v1/attacks/generators/{name}`); attack with `{"name": "advgan", "generator":
     name}` in `POST /v1/attacks`."""
-    card, output = check_generator_request(body, index, generators, team, settings)
+    card, output, pinned = check_generator_request(body, index, generators, team, settings, data)
     job_id = uuid.uuid4().hex
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     digest = json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
+    body = pinned
     job = GeneratorJob(**body.model_dump(exclude={"model", "output", "seed"}), job_id=job_id, team=team,
                        model=card.ref, output=output, seed=seed)
 
@@ -147,12 +152,7 @@ def get_generator(ref: str, generators: GeneratorsDep, team: TeamDep) -> dict[st
 def delete_generator(ref: str, generators: GeneratorsDep, team: TeamDep) -> Response:
     """Delete one version, ``name@version``, of one of your generators. Its number is never
     reused; attacks queued with it fail with ``unknown-generator``."""
-    try:
-        name, version = parse_ref(ref)
-    except ValueError as exc:
-        raise invalid("generator", str(exc)) from None
-    if version is None:
-        raise invalid("generator", f"expected name@version (one version is deleted at a time), got {ref!r}")
+    name, version = exact_version(ref, "generator")
     card = visible_generator(generators, ref, team)
     if card.team != team:
         raise Problem(403, f"generator: {card.ref} is hosted; only its owner can delete it",
