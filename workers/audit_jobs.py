@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import time
+from datetime import UTC
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from workers.attacks.square import SquareSpec
 from workers.audit.battery import AuditPlan, Detector, Stage, run_battery
 from workers.audit.gate import evaluate_gate, parse_gate
 from workers.audit.merge import Chunk, merge, nan_to_none, worst_case_rows
-from workers.audit.report import ReportSamples, render_report
+from workers.audit.report import render_report, report_samples
 from workers.errors import JobFailure
 from workers.jobs import _check_cancel, _progress, context, entry, kernel_spec, load_inputs
 from workers.specs import (
@@ -47,8 +48,9 @@ PROBE = "fgsm"
 
 
 def stage_names(spec: AuditSpec, num_classes: int | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Bounded attack names per norm (suite order) and minimal attacks -> their norm; torch-free
-    twin of ``build_plan`` used by the merge.
+    """Bounded attack names per norm (suite order) and the minimal attacks' result keys -> the
+    norm they are measured in (one key per name and norm, see ``minimal_key``); torch-free twin
+    of ``build_plan`` used by the merge.
 
     ``num_classes``: the model's. The standard suite leaves APGD-T out on two classes: its DLR loss
     is not defined there (``workers.attacks.apgd.check_dlr_classes``), and targeting the one other
@@ -72,10 +74,25 @@ def stage_names(spec: AuditSpec, num_classes: int | None = None) -> tuple[dict[s
         if "linf" in spec.grids:
             minimal["deepfool-linf"] = "linf"
     elif spec.suite == "custom":
-        for attack in spec.attacks or []:
-            if attack.name in MINIMAL_ATTACKS:
-                minimal[attack.name] = "l0" if attack.name == "jsma" else getattr(attack, "norm", "l2")
+        minimal = {key: norm for key, norm, _ in custom_minimal(spec)}
     return bounded, minimal
+
+
+def minimal_norm(attack: Any) -> str:
+    """The norm a minimal attack's perturbation is measured in: JSMA's L0, else its own norm."""
+    return "l0" if attack.name == "jsma" else getattr(attack, "norm", "l2")
+
+
+def minimal_key(name: str, norm: str) -> str:
+    """The result key of a minimal attack: its name in its usual norm (L2; JSMA's L0), else
+    ``<name>-<norm>`` (``deepfool-linf``), so that one attack in two norms gives two entries."""
+    return name if norm in ("l2", "l0") else f"{name}-{norm}"
+
+
+def custom_minimal(spec: AuditSpec) -> list[tuple[str, str, Any]]:
+    """The custom suite's minimal attacks as (result key, norm, the caller's params)."""
+    return [(minimal_key(a.name, minimal_norm(a)), minimal_norm(a), a)
+            for a in spec.attacks or [] if a.name in MINIMAL_ATTACKS]
 
 
 def build_plan(spec: AuditSpec, detector: Detector | None, surrogates: tuple[Any, ...],
@@ -103,16 +120,15 @@ def build_plan(spec: AuditSpec, detector: Detector | None, surrogates: tuple[Any
             made.append(Stage(name, kspec, norm))
         stages[norm] = tuple(made)
     minimal = []
-    for name, norm in minimal_names.items():
-        if name == "deepfool":
-            minimal.append(Stage("deepfool", DeepFoolSpec(norm="l2"), "l2", bounded=False))
-        elif name == "deepfool-linf":
-            minimal.append(Stage("deepfool", DeepFoolSpec(norm="linf"), "linf", bounded=False, key=name))
-        elif name == "carlini-wagner-l2":
-            minimal.append(Stage(name, CarliniWagnerL2Spec(), "l2", bounded=False))
+    if spec.suite == "custom":  # the caller's parameters, as the gateway checked them
+        for key, norm, attack in custom_minimal(spec):
+            minimal.append(Stage(attack.name, kernel_spec(attack)[1], norm, bounded=False, key=key))
+    for key, norm in minimal_names.items() if spec.suite == "minimal" else ():
+        if key == "carlini-wagner-l2":
+            minimal.append(Stage(key, CarliniWagnerL2Spec(), "l2", bounded=False))
         else:
-            attack = next(a for a in spec.attacks or [] if a.name == name)
-            minimal.append(Stage(name, kernel_spec(attack)[1], norm, bounded=False))
+            minimal.append(Stage("deepfool", DeepFoolSpec(norm=norm), norm, bounded=False,  # type: ignore[arg-type]
+                                 key=key))
     return AuditPlan(grids={n: tuple(g) for n, g in spec.grids.items()}, stages=stages, minimal=tuple(minimal),
                      check_eps=spec.check_eps, detector=detector, surrogates=surrogates,
                      transfer_eps=spec.transfer_eps if surrogates else None, batch_size=batch_size)
@@ -141,7 +157,9 @@ def _save(result: Chunk, minimal_keys: list[str]) -> bytes:
     for i, value in enumerate(result.transfer.values()):
         arrays[f"transfer.{i}"] = value
     meta = {"counters": result.counters, "bpda": result.bpda, "eot": result.eot,
-            "minimal": minimal_keys, "transfer": list(result.transfer)}
+            "minimal": minimal_keys, "transfer": list(result.transfer), "labelled": result.labelled,
+            "bounds": result.bounds, "input_shape": result.input_shape, "transfer_eps": result.transfer_eps,
+            "started_at": result.started_at}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
@@ -166,7 +184,12 @@ def _load(data: bytes) -> Chunk:
                           if k.startswith("flagged_by_stage.")},
         images={n: arrays[f"images.{n}"] for n in norms},
         image_preds={n: arrays[f"image_preds.{n}"] for n in norms},
-        clean_images=arrays.get("clean_images"))
+        clean_images=arrays.get("clean_images"),
+        # chunks saved before these were recorded: labelled, the rest unknown
+        labelled=meta.get("labelled", True),
+        bounds=None if meta.get("bounds") is None else (float(meta["bounds"][0]), float(meta["bounds"][1])),
+        input_shape=None if meta.get("input_shape") is None else tuple(meta["input_shape"]),
+        transfer_eps=meta.get("transfer_eps"), started_at=meta.get("started_at"))
 
 
 def run_audit_chunk(payload: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +198,7 @@ def run_audit_chunk(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     ctx = context()
     card, model = ctx.cache.get(spec.model)
     surrogates = tuple(ctx.cache.get(ref)[1] for ref in spec.audit.surrogates)
@@ -184,7 +207,11 @@ def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
         x_np, y_np = x_np[spec.start:spec.stop], None if y_np is None else y_np[spec.start:spec.stop]
     x = torch.from_numpy(np.ascontiguousarray(x_np)).to(model.device)
     batch = ctx.cache.batch_size(card, model)
-    y = (torch.from_numpy(y_np).to(model.device) if y_np is not None
+    # Data sets always carry labels; a blob only when the client sent them. Without, the model's
+    # own predictions stand in (robust accuracy then measures prediction changes) and the merge
+    # reports no clean accuracy.
+    labelled = y_np is not None and (spec.inputs.kind == "dataset" or spec.inputs.has_labels)
+    y = (torch.from_numpy(y_np).to(model.device) if y_np is not None and labelled
          else model.predict(x, batch).argmax(1))
     found = ctx.cache.index.detector(card, spec.team)
     detector = Detector(found.squeezers, found.threshold) if found is not None else None
@@ -203,6 +230,7 @@ def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
     result = run_battery(model, x, y, plan, generator=generator, on_stage=on_stage)
     result.counters["queries"] = float(model.queries)
     result.counters["gradients"] = float(model.gradients)
+    result.labelled, result.started_at = labelled, started_at
     ctx.store.put(f"audits/{spec.audit_id}/chunk-{spec.index}.npz", _save(result, list(result.minimal)))
     return {"audit": spec.audit_id, "chunk": spec.index, "n": int(x.shape[0]),
             "seconds": round(time.perf_counter() - started, 3)}
@@ -220,9 +248,10 @@ def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
     started = time.perf_counter()
     ctx = context()
     card = ctx.cache.resolve(spec.model)
+    chunk_jobs: list[Job | None] = []
     if job is not None:
-        chunks_jobs = Job.fetch_many(spec.chunk_ids, connection=job.connection, serializer=job.serializer)
-        failed = [cid for cid, dep in zip(spec.chunk_ids, chunks_jobs, strict=True)
+        chunk_jobs = Job.fetch_many(spec.chunk_ids, connection=job.connection, serializer=job.serializer)
+        failed = [cid for cid, dep in zip(spec.chunk_ids, chunk_jobs, strict=True)
                   if dep is None or dep.get_status() != "finished"]
         if failed:
             raise JobFailure(f"{len(failed)} of {len(spec.chunk_ids)} chunk jobs did not finish "
@@ -239,39 +268,26 @@ def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
                    "attacks": bounded, "minimal_attacks": list(minimal), "notes": spec.audit.notes})
     gate = parse_gate(spec.audit.thresholds)
     result["gate"] = evaluate_gate(gate, result) if gate else None
-    samples = _report_samples(chunks, spec.audit.grids, spec.audit.check_eps, card.bounds)
+    samples = report_samples(chunks, result, spec.audit.grids, spec.audit.check_eps, card.bounds)
     header, rows = worst_case_rows(chunks, spec.audit.grids, bounded)
-    result["seconds"] = round(time.perf_counter() - started, 3)
     result["artifacts"] = ["report.html", "samples.csv", "audit.json"]
     ctx.store.put(f"jobs/{spec.audit_id}/samples.csv", csv_bytes(header, rows))
+    # The audit's time runs from its first chunk's start (on whichever worker) to the end of the
+    # merge; what is left after this is rendering the report and writing two blobs.
+    result["merge_seconds"] = round(time.perf_counter() - started, 3)
+    first_start = _first_start(chunks, chunk_jobs)
+    result["seconds"] = result["merge_seconds"] if first_start is None else max(
+        round(time.time() - first_start, 3), result["merge_seconds"])
     ctx.store.put(f"jobs/{spec.audit_id}/audit.json", json.dumps(result, indent=2).encode())
     ctx.store.put(f"jobs/{spec.audit_id}/report.html",
                   render_report(result, samples, card.classes).encode())
     return result
 
 
-def _report_samples(chunks: list[Chunk], grids: dict[str, list[float]], check_eps: dict[str, float],
-                    bounds: tuple[float, float]) -> ReportSamples | None:
-    """Up to 8 samples broken at the report eps (the first norm's check eps, else its largest),
-    with their worst-case examples, for the image grid."""
-    first = chunks[0]
-    for norm, grid in grids.items():
-        if norm not in first.images or first.clean_images is None:
-            continue
-        e = min(range(len(grid)), key=lambda i: abs(grid[i] - check_eps.get(norm, grid[-1])))
-        picks = [(c, i) for c, chunk in enumerate(chunks) for i in range(chunk.images[norm].shape[1])
-                 if chunk.broken_by[norm][e, i] >= 0][:8]
-        if not picks:
-            picks = [(0, i) for i in range(min(8, first.images[norm].shape[1]))]
-        if not picks:
-            return None
-        return ReportSamples(
-            x=np.stack([chunks[c].clean_images[i] for c, i in picks]),  # type: ignore[index]
-            x_adv=np.stack([chunks[c].images[norm][e, i] for c, i in picks]),
-            labels=np.array([chunks[c].labels[i] for c, i in picks]),
-            clean_pred=np.array([chunks[c].clean_pred[i] for c, i in picks]),
-            adv_pred=np.array([chunks[c].image_preds[norm][e, i] for c, i in picks]),
-            eps_label=f"{norm}:{grid[e]:g}", bounds=bounds)
-    return None
-
-
+def _first_start(chunks: list[Chunk], chunk_jobs: list[Job | None]) -> float | None:
+    """Unix time the audit's first chunk started: as each chunk recorded it, else (a chunk stored
+    by an older worker) as RQ did; None if neither knows."""
+    starts = [c.started_at for c in chunks if c.started_at is not None]
+    starts += [dep.started_at.replace(tzinfo=UTC).timestamp() for dep in chunk_jobs
+               if dep is not None and dep.started_at is not None]
+    return min(starts, default=None)

@@ -4,8 +4,6 @@ plus a merge job that depends on all of them. The audit's id is the merge job's 
 from __future__ import annotations
 
 import io
-import json
-import math
 import secrets
 import uuid
 
@@ -17,10 +15,10 @@ from models.manifest import CardIndex, ModelCard
 from service import inputs as inp
 from service.deps import DataCatalogDep, QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
 from service.errors import Problem, invalid
-from service.routes.accept import accept
+from service.routes.accept import accept, request_digest
 from service.routes.attacks import check_attack
 from service.settings import Settings
-from workers.audit.gate import GateError, parse_gate
+from workers.audit.gate import GateError, eps_key, match_eps, parse_gate
 from workers.specs import (
     BLACK_BOX_ATTACKS,
     DEFAULT_CHECK_EPS,
@@ -78,7 +76,10 @@ def _surrogates(body: AuditRequest, card: ModelCard, index: CardIndex, team: str
     return refs
 
 
-def _check_gate(body: AuditRequest, grids: dict[str, list[float]], card: ModelCard) -> None:
+def _check_gate(body: AuditRequest, grids: dict[str, list[float]], transfer_eps: float | None) -> None:
+    """Every gate line parses and names a budget the audit measures: the grid of its norm, or for
+    ``transfer_success_rate`` the transfer attack's (Linf) eps. Budgets match by value
+    (``match_eps``), and are named as the result will name them (``eps_key``)."""
     try:
         lines = parse_gate(body.thresholds)
     except GateError as exc:
@@ -86,10 +87,22 @@ def _check_gate(body: AuditRequest, grids: dict[str, list[float]], card: ModelCa
     for i, line in enumerate(lines):
         if line.eps is None or line.norm is None:
             continue
+        field = f"thresholds[{i}]"
+        if line.metric == "transfer_success_rate":
+            if transfer_eps is None:
+                raise invalid(field, "expected surrogates for a transfer line (the transfer attack runs "
+                                     "on `surrogates`), got none")
+            if line.norm != "linf":
+                raise invalid(field, f"expected linf (the transfer attack is Linf PGD), got {line.norm}")
+            if match_eps(line.eps, [transfer_eps]) is None:
+                raise invalid(field, f"expected the transfer eps {eps_key('linf', transfer_eps)}, got "
+                                     f"{eps_key(line.norm, line.eps)}")
+            continue
         grid = grids.get(line.norm, [])
-        if not any(math.isclose(line.eps, e, rel_tol=1e-6) for e in grid):
-            raise invalid(f"thresholds[{i}]", f"expected an eps of the {line.norm} grid "
-                                              f"{[round(e, 6) for e in grid]}, got {line.eps:g}")
+        if match_eps(line.eps, grid) is None:
+            raise invalid(field, f"expected an eps of the {line.norm} grid "
+                                 f"[{', '.join(eps_key(line.norm, e) for e in grid)}], "
+                                 f"got {eps_key(line.norm, line.eps)}")
 
 
 def _nearest(grid: list[float], target: float) -> float:
@@ -157,14 +170,13 @@ def check_audit(body: AuditRequest, card: ModelCard, n: int, labels: np.ndarray 
     if body.transfer_eps is not None and body.transfer_eps > inp.max_eps(card, "linf"):
         raise invalid("transfer_eps", f"expected at most {inp.max_eps(card, 'linf'):g}, "
                                       f"got {body.transfer_eps:g}")
-    _check_gate(body, grids, card)
     scale = card.bounds[1] - card.bounds[0]
+    transfer_eps = (body.transfer_eps or 0.1 * scale) if surrogates else None
+    _check_gate(body, grids, transfer_eps)
     check_eps = {norm: _nearest(grid, DEFAULT_CHECK_EPS[norm] * scale) for norm, grid in grids.items()}
     return AuditSpec(suite=suite, attacks=body.attacks, grids=grids, check_eps=check_eps, steps=body.steps,
                      n_target_classes=body.n_target_classes, square_queries=body.square_queries,
-                     surrogates=surrogates,
-                     transfer_eps=(body.transfer_eps or 0.1 * scale) if surrogates else None,
-                     thresholds=body.thresholds, notes=notes)
+                     surrogates=surrogates, transfer_eps=transfer_eps, thresholds=body.thresholds, notes=notes)
 
 
 @router.post("", status_code=202, response_model=JobView,
@@ -188,7 +200,7 @@ async def create_audit(body: AuditRequest, request: Request, response: Response,
         labels = None
     audit = check_audit(body, card, n, labels, index, team, settings)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    digest = json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
+    digest = request_digest(body)
     bounds = list(range(0, n, body.chunk_size)) + [n]
     meta_base = {"team": team, "model": card.ref, "progress": 0.0, "audit": audit_id}
 

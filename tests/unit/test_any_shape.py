@@ -41,8 +41,8 @@ from workers.attacks.square import SquareSpec, square
 from workers.audit.battery import AuditPlan, Detector, Stage, run_battery
 from workers.audit.gate import eps_key, evaluate_gate, parse_gate
 from workers.audit.merge import merge, nan_to_none, worst_case_rows
-from workers.audit.report import ReportSamples, png_data_uri, render_report
-from workers.audit_jobs import _report_samples, build_plan, stage_names
+from workers.audit.report import ReportSamples, png_data_uri, render_report, report_samples
+from workers.audit_jobs import build_plan, stage_names
 from workers.classifier import Classifier
 from workers.defenses.ensemble import Ensemble
 from workers.defenses.preprocess import Preprocess, Preprocessed, build_step
@@ -398,7 +398,7 @@ def test_audit_suite_merge_and_report(name: str, suite: str) -> None:
         assert len(curve["worst_case"]) == len(grid)
     header, rows = worst_case_rows(chunks, spec.grids, bounded)
     assert len(rows) == 8 and len(header) == len(rows[0])
-    samples = _report_samples(chunks, spec.grids, spec.check_eps, setup.bounds)
+    samples = report_samples(chunks, result, spec.grids, spec.check_eps, setup.bounds)
     assert samples is not None and samples.x.shape[1:] == setup.shape
     html = render_report(result, samples, classes)
     assert "class &lt;0&gt;" in html

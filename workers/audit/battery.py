@@ -15,7 +15,8 @@ Evaluating Adversarial Robustness", 2019) as the masking checks:
 - success must approach 100% as eps grows, and an unbounded attack (Linf, the whole input range,
   no random start: a random start alone turns images into noise) must reach it;
 - black-box attacks must not break samples that every white-box attack failed on;
-- more steps and restarts must not change the result much;
+- more steps and restarts must not change the result much, with the cross-entropy and then with
+  a loss that a saturated softmax cannot flatten (the logit margin, see ``MarginClassifier``);
 - gradients must not be zero or vanishingly small;
 - the forward pass must be deterministic (else expectation over transformation, EOT, is used).
 
@@ -113,6 +114,37 @@ class EOTClassifier(Classifier):
         return logits_sum / self.samples, grad_sum / self.samples
 
 
+class MarginClassifier(Classifier):
+    """``inner`` with every attack loss computed on its logits rescaled, per sample, so that the
+    gap between the two largest is ``gap`` (the scale is a constant of the step, no gradient).
+
+    A saturated softmax (a distilled network, logits in the thousands) makes the cross-entropy's
+    gradient underflow to exactly zero, so a cross-entropy attack "fails" having tested nothing.
+    After the rescaling the softmax is never saturated, and the cross-entropy's gradient is a
+    positive multiple of the gradient of the logit margin with two classes (a softmax-weighted
+    margin with more): scale-free like the DLR loss of Croce & Hein (2020), which needs a third
+    class. Logits returned to the attack (and its success) are the model's own.
+    """
+
+    def __init__(self, inner: Classifier, gap: float = 4.0) -> None:
+        super().__init__(inner.module, inner.num_classes, inner.input_shape, inner.bounds, inner.name,
+                         differentiable=inner.differentiable)
+        self.inner = inner
+        self.gap = gap
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.logits(x)
+
+    def value_and_grad(self, x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        def rescaled(logits: torch.Tensor) -> torch.Tensor:
+            top = logits.detach().topk(2, dim=1).values
+            spread = (top[:, 0] - top[:, 1]).clamp_min(torch.finfo(logits.dtype).tiny)
+            return loss(logits * (self.gap / spread)[:, None])
+
+        return self.inner.value_and_grad(x, rescaled)
+
+
 def _eot(model: Classifier, samples: int) -> Classifier:
     wrapped = EOTClassifier(model.module, model.num_classes, model.input_shape, model.bounds, model.name,
                             differentiable=model.differentiable)
@@ -197,7 +229,8 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
     counters["median_gradient_norm"] = float(grad_norms.median()) if grad_norms.numel() else 0.0
 
     result = Chunk(labels=y.cpu().numpy(), clean_pred=clean_pred.cpu().numpy(),
-                   bpda=not model.differentiable, eot=eot)
+                   bpda=not model.differentiable, eot=eot, bounds=model.bounds,
+                   input_shape=tuple(x.shape[1:]), transfer_eps=plan.transfer_eps if plan.surrogates else None)
     keep = min(plan.keep_images, n)
     result.clean_images = x[:keep].cpu().numpy()
     for norm, grid in plan.grids.items():
@@ -320,6 +353,8 @@ def _checks_for_norm(model: Classifier, attacker: Classifier, x: torch.Tensor, y
     survivors = robust[:, e].all(0).nonzero().squeeze(1) if len(stages) else correct.nonzero().squeeze(1)
     counters[f"more_steps_attacked@{norm}"] = float(survivors.numel())
     counters[f"more_steps_broken@{norm}"] = 0.0
+    counters[f"more_steps_broken_ce@{norm}"] = 0.0
+    counters[f"more_steps_broken_margin@{norm}"] = 0.0
     counters[f"more_steps_eps@{norm}"] = float(eps)
     if survivors.numel() == 0:
         return
@@ -327,7 +362,13 @@ def _checks_for_norm(model: Classifier, attacker: Classifier, x: torch.Tensor, y
     base_steps = max((getattr(stages[s].spec, "steps", 20) for s in iterative), default=20)
     stage = Stage("pgd", PGDSpec(eps=eps, norm=norm, steps=base_steps * plan.more_steps_factor,  # type: ignore[arg-type]
                                  restarts=plan.more_restarts), norm)
-    with _gradients_for(stage, model):
-        x_adv = _run(attacker, stage, stage.spec, x[survivors], y[survivors], generator, plan.batch_size)
-    counters[f"more_steps_broken@{norm}"] = float(
-        (model.predict(x_adv, plan.batch_size).argmax(1) != y[survivors]).sum())
+    # The cross-entropy first (what the suite followed), then the logit margin on what still stands.
+    for loss, attack_with in (("ce", attacker), ("margin", MarginClassifier(attacker))):
+        with _gradients_for(stage, model):
+            x_adv = _run(attack_with, stage, stage.spec, x[survivors], y[survivors], generator, plan.batch_size)
+        hit = model.predict(x_adv, plan.batch_size).argmax(1) != y[survivors]
+        counters[f"more_steps_broken_{loss}@{norm}"] = float(hit.sum())
+        survivors = survivors[~hit]
+        if survivors.numel() == 0:
+            break
+    counters[f"more_steps_broken@{norm}"] = counters[f"more_steps_attacked@{norm}"] - float(survivors.numel())

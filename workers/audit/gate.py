@@ -23,7 +23,11 @@ OPS: dict[str, Callable[[Any, Any], bool]] = {
 }
 OP_CHARS = frozenset("<>=!")
 MASKING_VALUES = ("pass", "warn")
+# Two budgets are the same when they agree to EPS_REL_TOL (the gateway checks gate lines against the
+# grid so); a label in a result reads back within KEY_REL_TOL of its budget, so a line that the
+# gateway accepted finds its entry within the sum of both.
 EPS_REL_TOL = 1e-6
+KEY_REL_TOL = 1e-7
 
 # metric -> what follows the "@": None (nothing), "norm" (``@l2``) or "norm:eps" (``@linf:8/255``)
 METRICS: dict[str, str | None] = {
@@ -82,17 +86,38 @@ def parse_eps(text: str) -> float:
 
 
 def eps_key(norm: str, eps: float) -> str:
-    """The canonical label of a budget in audit results: a short decimal when eps is one
-    (``linf:0.1``, ``l2:1``), else ``linf:8/255`` when eps is k/255 for an integer k (within
-    1e-6), else the decimal with 6 significant digits."""
-    decimal = f"{eps:g}"
+    """The canonical label of a budget in audit results, used by the merge, the gate and the
+    gateway alike: ``linf:8/255`` when eps is k/255 for an integer k (within ``KEY_REL_TOL``) and
+    no short decimal spells it, else the shortest decimal that reads back as eps (``linf:0.1``,
+    ``l2:1``, ``linf:0.123456789``). A label always parses back to its eps within
+    ``KEY_REL_TOL``: a gate line copied from a report measures what the report showed."""
+    decimal = _shortest_decimal(eps)
     if len(decimal.replace("0.", "", 1)) <= 4 and float(decimal) == eps:
         return f"{norm}:{decimal}"
     scaled = eps * 255
     k = round(scaled)
-    if k >= 1 and abs(scaled - k) <= 1e-6:
+    if k >= 1 and abs(scaled - k) <= KEY_REL_TOL * k:
         return f"{norm}:{k}/255"
     return f"{norm}:{decimal}"
+
+
+def _shortest_decimal(eps: float) -> str:
+    """The fewest significant digits (at least 6) that read back as ``eps`` within 1e-12 relative:
+    ``0.1 * 3`` is ``0.3``, ``0.123456789`` keeps its nine digits."""
+    for digits in range(6, 18):
+        text = f"{eps:.{digits}g}"
+        if math.isclose(float(text), eps, rel_tol=1e-12):
+            return text
+    return repr(eps)
+
+
+def match_eps(eps: float, candidates: Sequence[float], rel_tol: float = EPS_REL_TOL) -> int | None:
+    """The index of the candidate budget closest to ``eps`` if it is within ``rel_tol`` of it, else
+    None: budgets are matched by value, never by their spelling (``8/255`` is ``0.0313725490196``)."""
+    best = min(range(len(candidates)), key=lambda i: abs(candidates[i] - eps), default=None)
+    if best is None or not math.isclose(candidates[best], eps, rel_tol=rel_tol):
+        return None
+    return best
 
 
 def parse_eps_key(key: str) -> tuple[str, float] | None:
@@ -210,14 +235,12 @@ def _fmt(value: float | str) -> str:
 
 
 def _by_eps(table: Any, norm: str, eps: float) -> tuple[str, Any] | None:
-    """The entry of ``{"linf:8/255": v, ...}`` whose budget equals (norm, eps) numerically."""
+    """The entry of ``{"linf:8/255": v, ...}`` whose budget is (norm, eps), matched by value."""
     if not isinstance(table, Mapping):
         return None
-    for key, value in table.items():
-        parsed = parse_eps_key(str(key))
-        if parsed and parsed[0] == norm and math.isclose(parsed[1], eps, rel_tol=EPS_REL_TOL):
-            return str(key), value
-    return None
+    keys = [(key, parsed[1]) for key in table if (parsed := parse_eps_key(str(key))) and parsed[0] == norm]
+    hit = match_eps(eps, [value for _, value in keys], EPS_REL_TOL + KEY_REL_TOL)
+    return None if hit is None else (str(keys[hit][0]), table[keys[hit][0]])
 
 
 Measured = tuple[float | str | None, str]  # (value or None, where it came from / why it is missing)
@@ -227,8 +250,12 @@ def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
     metric, norm, eps = line.metric, line.norm, line.eps
     if metric == "clean_accuracy":
         value = _number(result.get("clean_accuracy"))
-        return (value, "") if value is not None else (None, "clean_accuracy is not in the result "
-                                                              "(no labels?)")
+        if value is not None:
+            return value, ""
+        if result.get("labels") == "predicted":
+            return None, ("clean_accuracy is null: the inputs came without labels, so predictions had "
+                          "nothing to be compared with (send labels, or gate on robust_accuracy)")
+        return None, "clean_accuracy is not in the result (or is null)"
     if metric == "masking_checks":
         section = result.get("masking_checks")
         if not isinstance(section, Mapping) or (status := section.get("status")) not in MASKING_VALUES:
@@ -273,18 +300,16 @@ def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
     runs = result.get("transfer")
     if not isinstance(runs, list) or not runs:
         return None, "the transfer section did not run (no surrogates given?)"
-    found = []
-    for run in runs:
-        if not isinstance(run, Mapping):
-            continue
-        parsed = parse_eps_key(str(run.get("eps_label", "")))
-        rate = _number(run.get("success_rate"))
-        if parsed and parsed[0] == norm and math.isclose(parsed[1], eps, rel_tol=EPS_REL_TOL) \
-                and rate is not None:
-            found.append((rate, str(run.get("surrogate"))))
+    measured: list[tuple[Mapping[str, Any], float]] = [
+        (run, parsed[1]) for run in runs if isinstance(run, Mapping)
+        if (parsed := parse_eps_key(str(run.get("eps_label", "")))) and parsed[0] == norm]
+    at = match_eps(eps, [value for _, value in measured], EPS_REL_TOL + KEY_REL_TOL)
+    found = [] if at is None else [
+        (rate, str(run.get("surrogate"))) for run, value in measured
+        if value == measured[at][1] and (rate := _number(run.get("success_rate"))) is not None]
     if not found:
-        measured = ", ".join(sorted({str(r.get("eps_label")) for r in runs if isinstance(r, Mapping)}))
-        return None, f"no transfer run at {label} (measured {measured or 'nothing'})"
+        labels = ", ".join(sorted({str(r.get("eps_label")) for r in runs if isinstance(r, Mapping)}))
+        return None, f"no transfer run at {label} (measured {labels or 'nothing'})"
     value, surrogate = max(found)
     return value, f" (surrogate {surrogate})"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.audit.gate import eps_key
+from workers.audit.gate import EPS_REL_TOL, eps_key
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,6 @@ class Tolerances:
     black_box_only: int = 0
     more_steps: float = 0.01
     unbounded_success: float = 0.99
-    largest_eps_robust: float = 0.10
     zero_gradients: float = 0.01
 
 
@@ -53,6 +52,14 @@ class Chunk:
     counters: dict[str, float] = field(default_factory=dict)
     bpda: bool = False
     eot: bool = False
+    # False: the inputs came without labels and ``labels`` are the model's own clean predictions
+    labelled: bool = True
+    # what was attacked: the input bounds and the shape of one input (None: a chunk from before
+    # they were recorded); the Linf eps of the transfer attack (None: none ran)
+    bounds: tuple[float, float] | None = None
+    input_shape: tuple[int, ...] | None = None
+    transfer_eps: float | None = None
+    started_at: float | None = None  # Unix time the chunk job started
 
 
 def _cat(parts: Sequence[np.ndarray], axis: int = -1) -> np.ndarray:
@@ -83,7 +90,12 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
                 counters[key] = max(counters.get(key, 0.0), value)
             else:
                 counters[key] = counters.get(key, 0.0) + value
-    result: dict[str, Any] = {"n": n, "clean_accuracy": _rate(correct, n), "curves": {},
+    # Without labels, "correct" means "the model's own prediction": clean accuracy is 1 by
+    # construction and says nothing, so it is null (robust accuracy still measures how often an
+    # attack changes the prediction).
+    labelled = all(c.labelled for c in chunks)
+    result: dict[str, Any] = {"n": n, "labels": "given" if labelled else "predicted",  # as attack scores
+                              "clean_accuracy": _rate(correct, n) if labelled else None, "curves": {},
                               "robust_accuracy": {}, "bpda": any(c.bpda for c in chunks),
                               "eot": any(c.eot for c in chunks)}
     worst_by_norm: dict[str, np.ndarray] = {}
@@ -118,7 +130,8 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
         if not mask.any():
             continue
         row: dict[str, Any] = {"class": k, "name": name, "n": int(mask.sum()),
-                               "clean_accuracy": _rate(correct[mask], int(mask.sum())), "robust_accuracy": {}}
+                               "clean_accuracy": _rate(correct[mask], int(mask.sum())) if labelled else None,
+                               "robust_accuracy": {}}
         for norm, worst in worst_by_norm.items():
             for e, eps in enumerate(grids[norm]):
                 row["robust_accuracy"][eps_key(norm, eps)] = _rate(worst[e][mask], int(mask.sum()))
@@ -162,22 +175,51 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
         result["detector"] = info
 
     transfers = sorted({name for c in chunks for name in c.transfer})
+    transfer_eps = next((c.transfer_eps for c in chunks if c.transfer_eps is not None), None)
     result["transfer"] = [
-        {"surrogate": name, "success_rate": _rate(_cat([c.transfer[name] for c in chunks]), n_correct)}
+        {"surrogate": name, "eps_label": None if transfer_eps is None else eps_key("linf", transfer_eps),
+         "success_rate": _rate(_cat([c.transfer[name] for c in chunks]), n_correct)}
         for name in transfers] or None
-    result["masking_checks"] = masking_checks(counters, result, grids, stages, n_correct, tol)
+    attacked = next(((c.bounds, c.input_shape) for c in chunks if c.bounds is not None), None)
+    reach = {norm: budget for norm in grids
+             if attacked is not None and (budget := reach_eps(norm, *attacked)) is not None}
+    result["masking_checks"] = masking_checks(counters, result, grids, stages, n_correct, tol, reach)
     result["counters"] = counters
     return result
 
 
-def _check(name: str, warn: bool, evidence: str, **values: Any) -> dict[str, Any]:
-    return {"name": name, "status": "warn" if warn else "pass", "evidence": evidence, "values": values}
+def _check(name: str, status: bool | str, evidence: str, **values: Any) -> dict[str, Any]:
+    """A check's row; ``status`` True/False for warn/pass, or ``"n/a"`` where the audit could not
+    tell (no evidence either way: it counts as neither)."""
+    if isinstance(status, bool):
+        status = "warn" if status else "pass"
+    return {"name": name, "status": status, "evidence": evidence, "values": values}
+
+
+def reach_eps(norm: str, bounds: tuple[float, float] | None, input_shape: Sequence[int] | None) -> float | None:
+    """The budget that reaches every point of the input box from any input: there, an attack
+    must succeed on every sample (of a model that does not predict one class everywhere), as the
+    unbounded attack must. The range of the bounds in Linf, times sqrt(C x H x W) in L2; None when
+    the bounds (or, for L2, the input shape) are not known."""
+    if bounds is None:
+        return None
+    span = bounds[1] - bounds[0]
+    if norm == "linf":
+        return span
+    if norm == "l2" and input_shape is not None:
+        return span * math.sqrt(math.prod(input_shape))
+    return None
 
 
 def masking_checks(counters: Mapping[str, float], result: Mapping[str, Any],
                    grids: Mapping[str, Sequence[float]], stages: Mapping[str, Sequence[str]], n_correct: int,
-                   tol: Tolerances) -> dict[str, Any]:
-    """Each check as pass/warn with the evidence (Carlini et al. 2019's checklist)."""
+                   tol: Tolerances, reach: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Each check as pass/warn/n/a with the evidence (Carlini et al. 2019's checklist).
+
+    ``reach[norm]``: see ``reach_eps``; growth of success with eps is judged at grid points from
+    there on, where it must be total, and is n/a on a grid that stops short of it (a robust
+    model's curve may genuinely level off above zero there).
+    """
     checks = []
     base = max(n_correct, 1)
     single = {k.split("@", 1)[1]: v for k, v in counters.items() if k.startswith("single_step_only@")}
@@ -191,11 +233,8 @@ def masking_checks(counters: Mapping[str, float], result: Mapping[str, Any],
         curve = result["curves"].get(norm)
         if not curve:
             continue
-        last = curve["worst_case"][-1]
-        checks.append(_check(
-            f"success-grows-with-eps-{norm}", last is not None and last > tol.largest_eps_robust,
-            f"worst-case robust accuracy {last:.3f} at the largest {norm} eps {grid[-1]:g} "
-            f"(expected at most {tol.largest_eps_robust:g})", curve=curve["worst_case"]))
+        checks.append(_growth_check(norm, grid, curve["worst_case"], (reach or {}).get(norm),
+                                    int(result["n"]), n_correct, tol))
     attacked = counters.get("unbounded_attacked", 0.0)
     if attacked:
         rate = counters.get("unbounded_broken", 0.0) / attacked
@@ -214,16 +253,8 @@ def masking_checks(counters: Mapping[str, float], result: Mapping[str, Any],
             f"on (most at {where})", by_eps=black))
     for norm in grids:
         key = f"more_steps_attacked@{norm}"
-        if key not in counters:
-            continue
-        broken, attacked = counters[f"more_steps_broken@{norm}"], counters[key]
-        eps = counters.get(f"more_steps_eps@{norm}", 0.0)
-        checks.append(_check(
-            f"more-steps-and-restarts-{norm}", broken > max(1.0, tol.more_steps * base),
-            f"PGD with 5x the steps and 3 restarts at {norm} eps {eps:g} broke {int(broken)} of "
-            f"{int(attacked)} samples that survived the suite (tolerance: 1 sample or "
-            f"{tol.more_steps:.0%})",
-            broken=int(broken), attacked=int(attacked)))
+        if key in counters:
+            checks.append(_more_steps_check(norm, counters, base, tol))
     zero = counters.get("zero_gradients", 0.0)
     checks.append(_check(
         "gradients-not-vanishing", zero > tol.zero_gradients * base,
@@ -242,6 +273,46 @@ def masking_checks(counters: Mapping[str, float], result: Mapping[str, Any],
     return {"status": "warn" if any(c["status"] == "warn" for c in checks) else "pass", "checks": checks}
 
 
+def _growth_check(norm: str, grid: Sequence[float], worst_case: Sequence[float | None], reach: float | None,
+                  n: int, n_correct: int, tol: Tolerances) -> dict[str, Any]:
+    name = f"success-grows-with-eps-{norm}"
+    at = [e for e, eps in enumerate(grid) if reach is not None and eps >= reach * (1 - EPS_REL_TOL)]
+    if not at:
+        where = "is not known" if reach is None else f"is {eps_key(norm, reach)}"
+        return _check(name, "n/a", f"the {norm} grid ends at {eps_key(norm, grid[-1])}, which does not reach "
+                                   f"every input (the budget that does {where}): robust accuracy may "
+                                   "genuinely stay above zero below it; see unbounded-attack-succeeds",
+                      curve=list(worst_case))
+    e = at[0]
+    robust = worst_case[e] or 0.0
+    survived = round(robust * n)
+    success = 1.0 - survived / n_correct if n_correct else 1.0
+    return _check(name, success < tol.unbounded_success,
+                  f"the worst case broke {success:.1%} of {n_correct} correct samples at "
+                  f"{eps_key(norm, grid[e])}, a budget that reaches every input "
+                  f"(expected at least {tol.unbounded_success:.0%})",
+                  curve=list(worst_case), success_rate=round(success, 4))
+
+
+def _more_steps_check(norm: str, counters: Mapping[str, float], base: int, tol: Tolerances) -> dict[str, Any]:
+    name = f"more-steps-and-restarts-{norm}"
+    attacked = counters[f"more_steps_attacked@{norm}"]
+    broken = counters.get(f"more_steps_broken@{norm}", 0.0)
+    ce = counters.get(f"more_steps_broken_ce@{norm}", broken)
+    margin = counters.get(f"more_steps_broken_margin@{norm}", 0.0)
+    where = eps_key(norm, counters.get(f"more_steps_eps@{norm}", 0.0))
+    values = {"broken": int(broken), "broken_ce": int(ce), "broken_margin": int(margin),
+              "attacked": int(attacked)}
+    if not attacked:
+        return _check(name, "n/a", f"no sample survived the suite at {where}: there was nothing left for "
+                                   "more steps and restarts to attack", **values)
+    return _check(
+        name, broken > max(1.0, tol.more_steps * base),
+        f"PGD with 5x the steps and 3 restarts at {where} broke {int(ce)} of {int(attacked)} samples that "
+        f"survived the suite with the cross-entropy, then {int(margin)} more with the logit margin (a loss "
+        f"that a saturated softmax cannot flatten) (tolerance: 1 sample or {tol.more_steps:.0%})", **values)
+
+
 def worst_case_rows(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]],
                     stages: Mapping[str, Sequence[str]]) -> tuple[list[str], list[list[Any]]]:
     """Per-sample worst case: for each norm, the smallest eps broken and by which attack."""
@@ -255,7 +326,7 @@ def worst_case_rows(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]
         broken_by = _cat([c.broken_by[norm] for c in chunks])  # (eps, n)
         header += [f"{norm}_min_eps", f"{norm}_attack"]
         first = np.where((broken_by >= 0).any(0), (broken_by >= 0).argmax(0), -1)
-        columns.append(["" if f < 0 else f"{grid[f]:g}" for f in first])
+        columns.append(["" if f < 0 else eps_key(norm, grid[f]).split(":", 1)[1] for f in first])
         columns.append(["" if f < 0 else stages[norm][broken_by[f, i]] for i, f in enumerate(first)])
     rows = []
     for i in range(labels.size):

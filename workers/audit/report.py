@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from typing import Any
@@ -19,16 +19,23 @@ import numpy as np
 from PIL import Image
 
 from workers.artifacts import display_layout
+from workers.audit.gate import eps_key, parse_eps, parse_line
+from workers.audit.merge import Chunk
 
 NOT_RUN = '<p class="not-run">Not run.</p>'
 MISSING = "—"
+NOT_APPLICABLE = "n/a"
 # Images are upscaled (nearest neighbour) to at least this many pixels on their longer side.
 MIN_IMAGE_PX = 84
 # Okabe-Ito colours (told apart with the common colour-vision deficiencies), yellow left out as too
-# pale on white; the worst case is drawn thicker, in near-black.
+# pale on white; each attack also has its own dash and marker shape, so that it reads without colour
+# and where lines coincide. The worst case is a wide, pale, dashed band in near-black drawn below them:
+# it always coincides with some attack (PGD in the quick suite), which must stay visible.
 ATTACK_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#7f7f7f")
 ATTACK_DASHES = ("", "7 3", "2 3", "9 3 2 3", "4 2", "1 2", "12 4")
+MARKER_SHAPES = ("circle", "square", "triangle", "diamond", "triangle-down", "plus", "cross")
 WORST_CASE_COLOR = "#222222"
+WORST_CASE_DASH = "10 5"
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,59 @@ def png_data_uri(image: np.ndarray, bounds: tuple[float, float], min_px: int = M
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def sample_eps(result: Mapping[str, Any], grids: Mapping[str, Sequence[float]], check_eps: Mapping[str, float],
+               norms: Collection[str] | None = None) -> tuple[str, int] | None:
+    """Where the sample grid is drawn, as ``(norm, index into grids[norm])``: at the eps of the gate's
+    first robust-accuracy line (the budget the release is judged at), else at the first norm's grid
+    eps nearest its check eps (its largest without one). ``norms``: those with images (None: all)."""
+    usable = [n for n, grid in grids.items() if len(grid) and (norms is None or n in norms)]
+    if not usable:
+        return None
+    gate = result.get("gate")
+    for line in (gate.get("lines") or []) if isinstance(gate, Mapping) else []:
+        if not isinstance(line, Mapping) or line.get("metric") != "robust_accuracy":
+            continue
+        try:
+            parsed = parse_line(str(line.get("expression", "")))
+        except ValueError:
+            continue
+        if parsed.norm in usable and parsed.eps is not None:
+            return parsed.norm, _nearest(grids[parsed.norm], parsed.eps)
+    norm = usable[0]
+    grid = grids[norm]
+    return norm, _nearest(grid, check_eps.get(norm, grid[-1]))
+
+
+def _nearest(grid: Sequence[float], eps: float) -> int:
+    return min(range(len(grid)), key=lambda i: abs(grid[i] - eps))
+
+
+def report_samples(chunks: Sequence[Chunk], result: Mapping[str, Any], grids: Mapping[str, Sequence[float]],
+                   check_eps: Mapping[str, float], bounds: tuple[float, float],
+                   k: int = 8) -> ReportSamples | None:
+    """Up to ``k`` samples with their worst-case examples at the eps ``sample_eps`` picks (those broken
+    there first; none broken: the first ones), for the image grid. ``result`` is the merged audit
+    result with its gate evaluated."""
+    clean = [chunk.clean_images for chunk in chunks]
+    if not chunks or any(images is None for images in clean):
+        return None
+    picked = sample_eps(result, grids, check_eps, [n for n in grids if all(n in c.images for c in chunks)])
+    if picked is None:
+        return None
+    norm, e = picked
+    kept = [(c, i) for c, chunk in enumerate(chunks) for i in range(chunk.images[norm].shape[1])]
+    picks = [(c, i) for c, i in kept if chunks[c].broken_by[norm][e, i] >= 0][:k] or kept[:k]
+    if not picks:
+        return None
+    return ReportSamples(
+        x=np.stack([np.asarray(clean[c])[i] for c, i in picks]),
+        x_adv=np.stack([chunks[c].images[norm][e, i] for c, i in picks]),
+        labels=np.array([chunks[c].labels[i] for c, i in picks]),
+        clean_pred=np.array([chunks[c].clean_pred[i] for c, i in picks]),
+        adv_pred=np.array([chunks[c].image_preds[norm][e, i] for c, i in picks]),
+        eps_label=eps_key(norm, float(grids[norm][e])), bounds=bounds)
+
+
 def render_report(result: Mapping[str, Any], samples: ReportSamples | None, classes: Sequence[str]) -> str:
     """The whole report page (UTF-8 HTML5) for an audit ``result`` (the audit job's JSON result;
     any section may be missing or None and then reads "Not run."), with image grids from ``samples``
@@ -104,7 +164,7 @@ def render_report(result: Mapping[str, Any], samples: ReportSamples | None, clas
     body = "\n".join(
         [
             f"<header><h1>{_e(title)}</h1>{_summary(result)}</header>",
-            _section("Robust accuracy", _curves(result.get("curves"))),
+            _section("Robust accuracy", _curves(result.get("curves"), result.get("clean_accuracy"))),
             _section("Gradient-masking checks", _masking(result.get("masking_checks"))),
             _section("Gate", _gate(result.get("gate"))),
             _section("Per class", _per_class(result)),
@@ -191,6 +251,7 @@ def _marker(status: Any) -> str:
         "pass": ("pass", "✔ pass"),
         "warn": ("warn", "⚠ warn"),
         "fail": ("fail", "✘ fail"),
+        NOT_APPLICABLE: ("na", "– n/a"),
     }
     css, text = known.get(str(status), ("unknown", str(status) if status is not None else "not run"))
     return f'<span class="badge {css}">{_e(text)}</span>'
@@ -212,79 +273,107 @@ def _summary(result: Mapping[str, Any]) -> str:
         ("Verdict", verdict_html),
         ("BPDA used", _num(result.get("bpda")) if result.get("bpda") is not None else "not recorded"),
         ("EOT used", _num(result.get("eot")) if result.get("eot") is not None else "not recorded"),
-        ("Time", f"{result['seconds']:.1f} s" if _is_number(result.get("seconds")) else MISSING),
+        ("Audit time", _duration(result.get("seconds"))),
     ]
     cells = "".join(f"<div><dt>{_e(name)}</dt><dd>{value}</dd></div>" for name, value in items)
     return f'<dl class="summary">{cells}</dl>'
 
 
-def _curves(curves: Any) -> str:
+def _curves(curves: Any, clean_accuracy: Any = None) -> str:
     if not isinstance(curves, Mapping) or not curves:
         return NOT_RUN
+    clean = clean_accuracy if _is_number(clean_accuracy) and math.isfinite(clean_accuracy) else None
     parts = []
     for norm, curve in curves.items():
         if not isinstance(curve, Mapping):
             continue
-        eps = list(curve.get("eps") or [])
-        labels = [str(label) for label in curve.get("labels") or [f"{float(v):.4g}" for v in eps]]
+        labels_given = [str(label) for label in curve.get("labels") or []]
+        eps = _eps_values(curve.get("eps"), labels_given)
+        labels = labels_given if len(labels_given) == len(eps) else [f"{v:.4g}" for v in eps]
         attacks = curve.get("attacks") or {}
         series = [(str(name), list(values or [])) for name, values in attacks.items()]
         worst = curve.get("worst_case")
-        chart = line_chart_svg(f"Robust accuracy under {norm} attacks", f"eps ({norm})", labels, series,
-                               list(worst) if worst else None)
-        rows = [[_e(name), *(_pct(v) for v in values)] for name, values in series]
+        chart = line_chart_svg(f"Robust accuracy under {norm} attacks", f"eps ({norm})", eps, series,
+                               list(worst) if worst else None, clean, labels)
+        first = [_pct(clean)] if clean is not None else []
+        rows = [[_e(name), *first, *(_pct(v) for v in values)] for name, values in series]
         if worst:
-            rows.append(["<strong>worst case</strong>", *(f"<strong>{_pct(v)}</strong>" for v in worst)])
-        table = _table(["attack", *(_e(label) for label in labels)], rows)
-        parts.append(f'<figure class="chart">{chart}<figcaption>{_e(norm)}</figcaption></figure>\n{table}')
+            rows.append(["<strong>worst case</strong>",
+                         *(f"<strong>{cell}</strong>" for cell in [*first, *(_pct(v) for v in worst)])])
+        head = ["attack", *(["0 (clean)"] if clean is not None else []), *(_e(label) for label in labels)]
+        parts.append(f'<figure class="chart">{chart}<figcaption>{_e(norm)}</figcaption></figure>\n'
+                     f"{_table(head, rows)}")
     return "\n".join(parts) or NOT_RUN
+
+
+def _eps_values(eps: Any, labels: Sequence[str]) -> list[float]:
+    """A curve's eps as numbers: its ``eps`` list, else its labels parsed (``"8/255"``), else 1, 2, ..."""
+    if isinstance(eps, list | tuple) and eps and all(_is_number(e) and math.isfinite(e) for e in eps):
+        return [float(e) for e in eps]
+    try:
+        return [parse_eps(label) for label in labels]
+    except ValueError:
+        return [float(i + 1) for i in range(len(labels))]
 
 
 def line_chart_svg(
     title: str,
     x_title: str,
-    labels: Sequence[str],
+    eps: Sequence[float],
     series: Sequence[tuple[str, Sequence[Any]]],
     worst_case: Sequence[Any] | None,
+    clean_accuracy: Any = None,
+    labels: Sequence[str] | None = None,
 ) -> str:
-    """An inline SVG line chart: x = categorical eps positions, y = accuracy in [0, 1]; one polyline
-    per series plus a thicker one for the worst case, axis ticks, a legend below the plot."""
-    width, left, right, top, plot_h = 680, 56, 20, 34, 240
+    """An inline SVG line chart of robust accuracy (y, in [0, 1]) against eps (x, a numeric axis from
+    0, so that the spacing of the grid shows). With ``clean_accuracy`` every line starts there, at
+    eps 0. The worst case is drawn first, wide, pale and dashed, so that the attack that sets it stays
+    visible on top of it; each attack has its own colour, dash and hollow marker shape, so lines that
+    coincide can still be told apart. A legend below the plot; ``labels`` name the eps in tooltips
+    (e.g. ``8/255``)."""
+    width, left, right, top, plot_h, x_axis_h = 680, 56, 20, 34, 240, 44
     plot_w = width - left - right
-    rotate = len(labels) > 9 or max((len(label) for label in labels), default=0) > 8
-    x_axis_h = 70 if rotate else 44
+    xs = [float(e) for e in eps]
+    names = dict(zip(xs, labels, strict=True)) if labels is not None and len(labels) == len(xs) else {}
+    ticks = _nice_ticks(max(xs, default=0.0))
+    x_max = ticks[-1] if ticks[-1] > 0 else 1.0
+    start = clean_accuracy if _is_number(clean_accuracy) and math.isfinite(clean_accuracy) else None
 
-    def x_at(i: int) -> float:
-        return left + (plot_w / 2 if len(labels) <= 1 else plot_w * i / (len(labels) - 1))
+    def x_at(value: float) -> float:
+        return left + plot_w * min(max(value / x_max, 0.0), 1.0)
 
     def y_at(value: float) -> float:
         return top + plot_h * (1 - min(max(value, 0.0), 1.0))
 
-    lines: list[tuple[str, Sequence[Any], str, str, float]] = [
-        (name, values, ATTACK_COLORS[i % len(ATTACK_COLORS)], ATTACK_DASHES[i % len(ATTACK_DASHES)], 2.0)
-        for i, (name, values) in enumerate(series)
-    ]
+    # (name, values, colour, dash, width, marker shape); the worst case first, so that it lies below.
+    lines: list[tuple[str, Sequence[Any], str, str, float, str | None]] = []
     if worst_case is not None:
-        lines.append(("worst case", worst_case, WORST_CASE_COLOR, "", 4.0))
+        lines.append(("worst case", worst_case, WORST_CASE_COLOR, WORST_CASE_DASH, 6.0, None))
+    lines.extend(
+        (name, values, ATTACK_COLORS[i % len(ATTACK_COLORS)], ATTACK_DASHES[i % len(ATTACK_DASHES)], 2.0,
+         MARKER_SHAPES[i % len(MARKER_SHAPES)])
+        for i, (name, values) in enumerate(series)
+    )
 
     # Legend rows below the plot, laid out by a rough text width (7 px a character at 12 px).
     legend: list[str] = []
     legend_top = top + plot_h + x_axis_h + 14
     x, y = left, legend_top
-    for name, _, color, dash, stroke in lines:
+    for name, _, color, dash, stroke, shape in lines:
         item_w = 34 + 7 * len(name) + 18
         if x + item_w > width and x > left:
             x, y = left, y + 20
-        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         legend.append(
-            f'<line x1="{x}" y1="{y}" x2="{x + 26}" y2="{y}" stroke="{color}" '
-            f'stroke-width="{stroke}"{dash_attr}/>'
-            f'<text x="{x + 32}" y="{y + 4}" class="legend">{_e(name)}</text>'
+            f'<line x1="{x}" y1="{y}" x2="{x + 26}" y2="{y}" stroke="{color}" stroke-width="{stroke}"'
+            f"{_line_style(dash, shape is None)}/>"
+            + (_point_marker(shape, x + 13, y, color, "") if shape is not None else "")
+            + f'<text x="{x + 32}" y="{y + 4}" class="legend">{_e(name)}</text>'
         )
         x += item_w
     height = y + 16
 
     grid = []
+    base = top + plot_h
     for tick in range(6):
         value = tick / 5
         ty = y_at(value)
@@ -292,42 +381,39 @@ def line_chart_svg(
             f'<line x1="{left}" y1="{ty:.1f}" x2="{left + plot_w}" y2="{ty:.1f}" class="grid"/>'
             f'<text x="{left - 8}" y="{ty + 4:.1f}" text-anchor="end" class="tick">{value:.1f}</text>'
         )
-    for i, label in enumerate(labels):
-        tx = x_at(i)
-        ty = top + plot_h + 16
-        text = (
-            f'<text x="{tx:.1f}" y="{ty}" text-anchor="end" transform="rotate(-40 {tx:.1f} {ty})" '
-            f'class="tick">{_e(label)}</text>'
-            if rotate
-            else f'<text x="{tx:.1f}" y="{ty}" text-anchor="middle" class="tick">{_e(label)}</text>'
+    for value in ticks:
+        tx = x_at(value)
+        grid.append(
+            f'<line x1="{tx:.1f}" y1="{base}" x2="{tx:.1f}" y2="{base + 5}" class="axis"/>'
+            f'<text x="{tx:.1f}" y="{base + 17}" text-anchor="middle" class="tick">{value:g}</text>'
         )
-        base = top + plot_h
-        tick_line = f'<line x1="{tx:.1f}" y1="{base}" x2="{tx:.1f}" y2="{base + 5}" class="axis"/>'
-        grid.append(tick_line + text)
+    # Where the grid's eps lie: short marks inside the plot, above the axis.
+    grid.extend(f'<line x1="{x_at(e):.1f}" y1="{base - 4}" x2="{x_at(e):.1f}" y2="{base}" class="eps-mark"/>'
+                for e in xs)
 
     plotted = []
-    for name, values, color, dash, stroke in lines:
-        points = [
-            (i, x_at(i), y_at(float(v)), float(v))
-            for i, v in enumerate(values[: len(labels)])
-            if _is_number(v) and math.isfinite(v)
-        ]
-        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-        coords = " ".join(f"{px:.1f},{py:.1f}" for _, px, py, _ in points)
+    for name, values, color, dash, stroke, shape in lines:
+        points = [(0.0, float(start))] if start is not None else []
+        points += [(e, float(v)) for e, v in zip(xs, values, strict=False)
+                   if _is_number(v) and math.isfinite(v)]
+        coords = " ".join(f"{x_at(e):.1f},{y_at(v):.1f}" for e, v in points)
+        opacity = "" if shape is not None else ' stroke-opacity="0.35"'
         plotted.append(
             f'<polyline data-series="{_e(name)}" points="{coords}" fill="none" stroke="{color}" '
-            f'stroke-width="{stroke}" stroke-linejoin="round"{dash_attr}/>'
+            f'stroke-width="{stroke}" stroke-linejoin="round"{opacity}{_line_style(dash, False)}/>'
         )
-        plotted.extend(
-            f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{stroke + 1:.1f}" fill="{color}">'
-            f"<title>{_e(name)} at {_e(labels[i])}: {_pct(v)}</title></circle>"
-            for i, px, py, v in points
-        )
+        for e, v in points:
+            tip = f"{name} at eps {names.get(e, f'{e:g}')}: {_pct(v)}" if e else f"clean accuracy: {_pct(v)}"
+            if shape is None:
+                plotted.append(f'<circle cx="{x_at(e):.1f}" cy="{y_at(v):.1f}" r="3" fill="{color}" '
+                               f'fill-opacity="0.5"><title>{_e(tip)}</title></circle>')
+            else:
+                plotted.append(_point_marker(shape, x_at(e), y_at(v), color, tip, series=name))
 
     frame = (
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" class="axis"/>'
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" class="axis"/>'
-        f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + x_axis_h - 8}" text-anchor="middle" '
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{base}" class="axis"/>'
+        f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" class="axis"/>'
+        f'<text x="{left + plot_w / 2:.1f}" y="{base + x_axis_h - 8}" text-anchor="middle" '
         f'class="axis-title">{_e(x_title)}</text>'
         f'<text x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" transform="rotate(-90 14 '
         f'{top + plot_h / 2:.1f})" class="axis-title">robust accuracy</text>'
@@ -344,24 +430,108 @@ def line_chart_svg(
     )
 
 
+def _nice_ticks(top: float, target: int = 6) -> list[float]:
+    """Ticks 0, s, 2s, ... up to the first at or above ``top``, with s 1, 2, 2.5 or 5 times a power
+    of ten, about ``target`` steps."""
+    if not math.isfinite(top) or top <= 0:
+        return [0.0]
+    raw = top / target
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    count = math.ceil(top / step - 1e-9)
+    return [float(f"{i * step:.12g}") for i in range(count + 1)]
+
+
+def _line_style(dash: str, legend_worst: bool) -> str:
+    style = f' stroke-dasharray="{dash}"' if dash else ""
+    return style + (' stroke-opacity="0.35"' if legend_worst else "")
+
+
+def _point_marker(shape: str, cx: float, cy: float, color: str, tip: str, series: str | None = None) -> str:
+    """A hollow marker (outline only, so that markers of several series at one point all show)."""
+    r = 4.5
+    data = f' data-series="{_e(series)}" data-shape="{shape}"' if series is not None else ""
+    paint = f'fill="none" stroke="{color}" stroke-width="1.6" pointer-events="all"{data}'
+    title = f"<title>{_e(tip)}</title>" if tip else ""
+    if shape == "circle":
+        return f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{r}" {paint}>{title}</circle>'
+    if shape == "square":
+        return (f'<rect x="{cx - r:.1f}" y="{cy - r:.1f}" width="{2 * r}" height="{2 * r}" {paint}>'
+                f"{title}</rect>")
+    corners = {
+        "triangle": ((0, -1.2), (1.1, 0.8), (-1.1, 0.8)),
+        "diamond": ((0, -1.3), (1.3, 0), (0, 1.3), (-1.3, 0)),
+        "triangle-down": ((0, 1.2), (1.1, -0.8), (-1.1, -0.8)),
+    }.get(shape)
+    if corners is not None:
+        points = " ".join(f"{cx + dx * r:.1f},{cy + dy * r:.1f}" for dx, dy in corners)
+        return f'<polygon points="{points}" {paint}>{title}</polygon>'
+    arms = ((-1, 0, 1, 0), (0, -1, 0, 1)) if shape == "plus" else ((-1, -1, 1, 1), (-1, 1, 1, -1))
+    path = " ".join(f"M{cx + a * r:.1f} {cy + b * r:.1f} L{cx + c * r:.1f} {cy + d * r:.1f}"
+                    for a, b, c, d in arms)
+    return f'<path d="{path}" {paint}>{title}</path>'
+
+
 def _masking(masking: Any) -> str:
     if not isinstance(masking, Mapping):
         return NOT_RUN
     checks = masking.get("checks") or []
     rows = []
     for check in checks:
+        if not isinstance(check, Mapping):
+            continue
         values = check.get("values") or {}
         values_html = (
-            "<br>".join(f"<code>{_e(k)} = {_num(v)}</code>" for k, v in values.items())
+            "<br>".join(_check_value(str(k), v) for k, v in values.items())
             if isinstance(values, Mapping)
-            else _e(values)
+            else _readable(values)
         )
-        rows.append([_e(check.get("name", MISSING)), _marker(check.get("status")),
+        rows.append([_e(check.get("name", MISSING)), _marker(check_status(check)),
                      _e(check.get("evidence") or ""), values_html])
     overall = f'<p>Overall: {_marker(masking.get("status"))}</p>'
     if not rows:
         return overall + '<p class="not-run">No checks recorded.</p>'
     return overall + _table(["check", "status", "evidence", "values"], rows, numeric_from=4)
+
+
+def check_status(check: Mapping[str, Any]) -> Any:
+    """A masking check's status as shown: ``n/a`` where it tested nothing (0 samples attacked), even
+    if the result calls that a pass."""
+    values = check.get("values")
+    attacked = values.get("attacked") if isinstance(values, Mapping) else None
+    if check.get("status") == "pass" and _is_number(attacked) and attacked == 0:
+        return NOT_APPLICABLE
+    return check.get("status")
+
+
+def _check_value(key: str, value: Any) -> str:
+    """One entry of a check's values as text: ``survivors = 3``, ``by eps: linf:8/255 = 2, ...``."""
+    fraction = _is_fraction_key(key) or key == "curve"  # a curve is robust accuracy per eps
+    name = _e(key.replace("_", " "))
+    if isinstance(value, Mapping | list | tuple):
+        return f"{name}: {_readable(value, fraction)}"
+    return f"{name} = {_readable(value, fraction)}"
+
+
+def _readable(value: Any, fraction: bool = False) -> str:
+    """Escaped text for a value of any JSON shape: no Python braces, brackets or quotes."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{_e(k)} = {_readable(v, fraction or _is_fraction_key(str(k)))}"
+                         for k, v in value.items()) or "none"
+    if isinstance(value, list | tuple):
+        return ", ".join(_readable(v, fraction) for v in value) or "none"
+    return _pct(value) if fraction and _is_number(value) else _num(value)
+
+
+def _duration(seconds: Any) -> str:
+    if not _is_number(seconds) or not math.isfinite(seconds):
+        return MISSING
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s"
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def _gate(gate: Any) -> str:
@@ -540,6 +710,7 @@ th { background: #f3f3f3; font-weight: 600; }
 .badge.warn { background: #fff0c2; color: #6b4b00; }
 .badge.fail { background: #fadad7; color: #8a1c12; }
 .badge.unknown { background: #eceff3; color: #40474f; }
+.badge.na { background: #eceff3; color: #40474f; }
 .not-run { color: #777; font-style: italic; }
 figure { margin: 0; }
 .chart { margin: 8px 0; }
@@ -547,6 +718,7 @@ figure { margin: 0; }
 .chart figcaption { display: none; }
 svg .grid { stroke: #e3e3e3; stroke-width: 1; }
 svg .axis { stroke: #555; stroke-width: 1; }
+svg .eps-mark { stroke: #999; stroke-width: 1; }
 svg .tick { font-size: 11px; fill: #444; }
 svg .legend { font-size: 12px; fill: #222; }
 svg .axis-title { font-size: 12px; fill: #333; }
