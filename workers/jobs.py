@@ -26,14 +26,14 @@ from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from models.registry import ModelLoadError
 from models.store import BlobStore, FileStore
 from workers.artifacts import csv_bytes, grid_png, npy_bytes
-from workers.attacks.base import project
+from workers.attacks.base import Norm, project
 from workers.attacks.catalog import KERNELS
 from workers.cache import GeneratorCache, ModelCache, UnknownGeneratorError, UnknownModelError
 from workers.classifier import Classifier
 from workers.defenses.squeeze import squeeze_logits_and_scores
 from workers.device import pick_device
 from workers.errors import CANCEL_KEY, InvalidJob, JobCanceled, JobFailure
-from workers.scores import Evaluation, evaluate, quantize, summarize
+from workers.scores import Evaluation, evaluate, outside_ball, quantize, quantize_in_ball, summarize
 from workers.settings import WorkerSettings
 from workers.specs import MINIMAL_ATTACKS, AdvGANParams, AttackJob, PredictJob
 
@@ -296,12 +296,13 @@ def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
                                       targets, on_chunk, loaded.spec_fields)
     minimal = spec.attack.name in MINIMAL_ATTACKS
     ev = evaluate(model, x, y, x_adv, clean_pred, targets, batch_size)
-    x_q = quantize(x_adv, card.bounds)
+    ball = attack_ball(spec.attack, loaded.spec_fields)
+    x_q, ball_info = quantize_for_client(x_adv, x, card.bounds, ball)
     ev_q = evaluate(model, x, y, x_q, clean_pred, targets, batch_size)
     scores = summarize(ev, y, clean_pred, labels_given, minimal)
     scores["gradient_calls"] = float(gradients.double().mean())
     scores["queries"] = float(queries.double().mean())
-    scores["quantized"] = summarize(ev_q, y, clean_pred, labels_given, minimal)
+    scores["quantized"] = {**summarize(ev_q, y, clean_pred, labels_given, minimal), "ball": ball_info}
     if attacker is not model:
         scores["transfer"] = transfer_scores(attacker, attacker_card.ref, x, y, x_adv,
                                              attacker_logits.argmax(dim=1), clean_pred, targets,
@@ -320,6 +321,29 @@ def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
         "batch_size": batch_size,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def attack_ball(attack: Any, loaded: Mapping[str, Any] | None = None) -> tuple[float, Norm] | None:
+    """The budget ``(eps, norm)`` that ``craft`` projects ``attack``'s examples onto (the kernel
+    spec's, so ``advgan`` gets its generator card's eps); None for minimal attacks, which have none."""
+    if attack.name in MINIMAL_ATTACKS:
+        return None
+    _, kspec = kernel_spec(attack, loaded)
+    eps = getattr(kspec, "eps", None)
+    return None if eps is None else (float(eps), getattr(kspec, "norm", "linf"))
+
+
+def quantize_for_client(
+    x_adv: torch.Tensor, x: torch.Tensor, bounds: tuple[float, float], ball: tuple[float, Norm] | None,
+) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """The 8-bit version of ``x_adv`` that the quantized scores are measured on: rounded inside the
+    attack's ball when it has one (plain rounding can leave it), and what the result says about that
+    ball (``outside``: examples still outside it, only possible for inputs off the 8-bit levels)."""
+    if ball is None:
+        return quantize(x_adv, bounds), None
+    eps, norm = ball
+    x_q = quantize_in_ball(x_adv, x, bounds, eps, norm)
+    return x_q, {"norm": norm, "eps": eps, "outside": int(outside_ball(x_q, x, eps, norm, bounds).sum())}
 
 
 def generator_summary(card: GeneratorCard) -> dict[str, Any]:

@@ -1,18 +1,41 @@
-"""Accepting a job once: the ``Idempotency-Key`` handshake around an enqueue, shared by the routes
-that create jobs."""
+"""Accepting a job once: the ``Idempotency-Key`` handshake around an enqueue, and the digest that
+tells a retry of a request from a different request, shared by every route that creates jobs."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from fastapi import Request, Response
+from pydantic import BaseModel
 from rq.job import Job
 
 from service.errors import Problem
 from service.metrics import JOBS
 from service.queueing import Queues, view
 from workers.specs import JobView
+
+
+def request_digest(validated: BaseModel, files: Sequence[tuple[str, bytes]] = (),
+                   form: Mapping[str, Any] | None = None) -> bytes:
+    """What an ``Idempotency-Key`` is bound to: canonical JSON (sorted keys, no whitespace) of the
+    validated request and of any other form fields it came with (already parsed), then, for
+    multipart, each uploaded file's name, length and sha256 in order.
+
+    Taken after validation, not from the raw body, so that the same request always gives the same
+    digest (whitespace, key order, a default written out or left implicit) whether it came as JSON
+    or multipart; each file described on its own, so that the same bytes split differently across
+    files (different inputs) give a different one.
+    """
+    canonical = {
+        "request": validated.model_dump(mode="json"),
+        "form": dict(form or {}),
+        "files": [{"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                  for name, data in files],
+    }
+    return json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
 
 
 def accept(request: Request, response: Response, queues: Queues, team: str, kind: str, job_id: str,

@@ -29,7 +29,7 @@ from service.deps import (
     visible_generator,
 )
 from service.errors import Problem, invalid, validation_problem
-from service.routes.accept import accept
+from service.routes.accept import accept, request_digest
 from service.settings import Settings
 from workers.specs import (
     BLACK_BOX_ATTACKS,
@@ -213,8 +213,7 @@ async def _parse(request: Request) -> tuple[AttackRequest, list[tuple[str, bytes
             raise validation_problem(list(exc.errors()), ("spec",)) from None
         if parsed.inputs is not None:
             raise invalid("spec.inputs", "expected no inputs in spec when files are uploaded")
-        digest = spec_text.encode() + b"".join(d for _, d in files) + str(labels).encode()
-        return parsed, files, labels, digest
+        return parsed, files, labels, request_digest(parsed, files, {"labels": labels})
     if content_type and not content_type.startswith("application/json"):
         raise Problem(415, f"expected application/json or multipart/form-data, got {content_type}",
                       code="unsupported-media-type")
@@ -229,7 +228,7 @@ async def _parse(request: Request) -> tuple[AttackRequest, list[tuple[str, bytes
         raise validation_problem(list(exc.errors())) from None
     if parsed.inputs is None:
         raise invalid("inputs", "expected inputs: a data-set slice, an array or images")
-    return parsed, None, None, body
+    return parsed, None, None, request_digest(parsed)
 
 
 @router.post("", status_code=202, response_model=JobView, openapi_extra=OPENAPI_BODY,

@@ -6,7 +6,6 @@ preprocessing, ensemble) or a detector stored with the model it guards (feature 
 
 from __future__ import annotations
 
-import json
 import secrets
 import uuid
 
@@ -18,7 +17,7 @@ from models.manifest import NAME_RE, CardIndex, ModelCard
 from service import inputs as inp
 from service.deps import DataCatalogDep, QueueDep, RegistryDep, SettingsDep, TeamDep, visible_card
 from service.errors import Problem, invalid
-from service.routes.accept import accept
+from service.routes.accept import accept, request_digest
 from service.settings import Settings
 from workers.specs import (
     DEFENSE_SUFFIX,
@@ -175,7 +174,7 @@ async def create_defense(body: DefenseRequest, request: Request, response: Respo
     job_id = uuid.uuid4().hex
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     model_ref = None if isinstance(body.defense, EnsembleParams) else base.ref
-    digest = json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
+    digest = request_digest(body)
     body = pinned
     if isinstance(body.defense, EnsembleParams):
         body = body.model_copy(update={"defense": body.defense.model_copy(update={

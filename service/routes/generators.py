@@ -5,7 +5,6 @@ them. A team sees and deletes only its own generators.
 
 from __future__ import annotations
 
-import json
 import secrets
 import uuid
 from typing import Any
@@ -29,7 +28,7 @@ from service.deps import (
 )
 from service.errors import Problem, invalid
 from service.forms import exact_version
-from service.routes.accept import accept
+from service.routes.accept import accept, request_digest
 from service.settings import Settings
 from workers.specs import DatasetInputs, GeneratorJob, GeneratorRequest, JobView
 
@@ -109,7 +108,7 @@ async def create_generator(body: GeneratorRequest, request: Request, response: R
     card, output, pinned = check_generator_request(body, index, generators, team, settings, data)
     job_id = uuid.uuid4().hex
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    digest = json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
+    digest = request_digest(body)
     body = pinned
     job = GeneratorJob(**body.model_dump(exclude={"model", "output", "seed"}), job_id=job_id, team=team,
                        model=card.ref, output=output, seed=seed)

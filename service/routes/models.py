@@ -8,7 +8,6 @@ registration job (``workers.registration``) that loads, probes, measures and pub
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +25,7 @@ from models.upload_check import UploadFormatError, inspect_safetensors, sniff_pi
 from service.deps import QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
 from service.errors import Problem, invalid
 from service.forms import exact_version, parse_json_field, read_form
-from service.routes.accept import accept
+from service.routes.accept import accept, request_digest
 from service.settings import Settings
 from workers.specs import JobView
 
@@ -234,7 +233,7 @@ async def register_model(request: Request, response: Response, settings: Setting
     key = f"uploads/{job_id}/{'model.onnx' if fmt == 'onnx' else 'weights.safetensors'}"
     job = RegistrationJob(job_id=job_id, team=team, upload=upload, format=fmt, file=key, sha256=sha256,
                           bytes=len(data), parameters=parameters, opset=opset, static_batch=static_batch)
-    digest = json.dumps(upload.model_dump(mode="json"), sort_keys=True).encode() + b"\0" + sha256.encode()
+    digest = request_digest(upload, [(filename, data)], {"field": field})
 
     def enqueue() -> Job:
         store.put(key, data)

@@ -202,17 +202,16 @@ def test_each_chart_has_a_polyline_per_attack_and_one_for_the_worst_case() -> No
         tags = parse(chart)
         series = [p["data-series"] for p in tags.attrs["polyline"]]
         assert len(series) == len(curve["attacks"]) + 1
-        assert [s for s in series if s != "worst case"] == list(curve["attacks"])
+        # The worst case first, below the attacks (one of which it always coincides with).
+        assert series[0] == "worst case" and series[1:] == list(curve["attacks"])
         widths = {p["data-series"]: float(p["stroke-width"] or 0) for p in tags.attrs["polyline"]}
         assert widths["worst case"] > max(w for s, w in widths.items() if s != "worst case")
         colours = [p["stroke"] for p in tags.attrs["polyline"]]
         assert len(set(colours)) == len(colours)
-        for label in curve["labels"]:
-            assert f">{label}</text>" in chart
-        # Every series has one point per eps, inside the plot.
+        # Every series has the clean accuracy at eps 0, then one point per eps.
         for polyline in tags.attrs["polyline"]:
             points = (polyline["points"] or "").split()
-            assert len(points) == len(curve["labels"])
+            assert len(points) == len(curve["eps"]) + 1
 
 
 def test_the_worst_case_line_goes_through_its_values() -> None:
@@ -220,13 +219,18 @@ def test_the_worst_case_line_goes_through_its_values() -> None:
     chart = re.findall(r"<svg.*?</svg>", render_report(result, None, CLASSES), re.S)[0]
     tags = parse(chart)
     worst = next(p for p in tags.attrs["polyline"] if p["data-series"] == "worst case")
-    ys = [float(point.split(",")[1]) for point in (worst["points"] or "").split()]
-    # Lower accuracy is further down (larger y), and y is linear in accuracy.
-    values = result["curves"]["linf"]["worst_case"]
+    points = [tuple(map(float, point.split(","))) for point in (worst["points"] or "").split()]
+    # Lower accuracy is further down (larger y), and y is linear in accuracy; x is linear in eps.
+    values = [result["clean_accuracy"], *result["curves"]["linf"]["worst_case"]]
+    eps = [0.0, *result["curves"]["linf"]["eps"]]
+    ys, xs = [y for _, y in points], [x for x, _ in points]
     slope = (ys[-1] - ys[0]) / (values[-1] - values[0])
     assert slope < 0
     for y, v in zip(ys, values, strict=True):
         assert y == pytest.approx(ys[0] + slope * (v - values[0]), abs=0.1)
+    x_slope = (xs[-1] - xs[0]) / (eps[-1] - eps[0])
+    for x, e in zip(xs, eps, strict=True):
+        assert x == pytest.approx(xs[0] + x_slope * e, abs=0.1)
 
 
 def test_values_appear_formatted() -> None:
