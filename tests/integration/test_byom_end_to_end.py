@@ -159,6 +159,21 @@ def test_a_team_brings_its_model_and_data(running: Running) -> None:
     assert scores["robust_accuracy"] < scores["clean_accuracy"]
     grid = client.get(f"/v1/jobs/{done['id']}/artifacts/grid.png", headers=A)
     assert Image.open(io.BytesIO(grid.content)).mode == "RGB"
+    # Transfer from the safetensors copy, and predictions: the two formats agree.
+    transfer = client.post("/v1/attacks", headers=A, json={
+        "model": "team-cnn-onnx", "surrogate": "team-cnn", "attack": {"name": "fgsm", "eps": 8 / 255},
+        "inputs": data, "seed": 0})
+    moved = wait(client, transfer.json()["id"])
+    assert moved["status"] == "succeeded" and moved["result"]["surrogate"] == "team-cnn@1", moved
+    assert moved["result"]["scores"]["transfer"]["transfer_rate"] > 0.9  # the same weights
+    batch = (x[pick[:3]].astype(np.float32) / 255).tolist()
+    answers = [client.post(f"/v2/models/{name}/infer", headers=A, json={"inputs": [
+        {"name": "x", "shape": [3, *SHAPE], "datatype": "FP32", "data": batch}]}) for name in
+        ("team-cnn-onnx", "team-cnn")]
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    logits = [np.asarray(next(o["data"] for o in a.json()["outputs"] if o["name"] == "logits"))
+              for a in answers]
+    assert np.allclose(logits[0], logits[1], atol=1e-4)
 
     # 4. An audit with a gate on the safetensors model.
     audit = client.post("/v1/audits", headers=A, json={
