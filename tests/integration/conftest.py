@@ -70,7 +70,7 @@ def start_service(redis_url: str, var: Path, queue_prefix: str = "",
         subprocess.Popen([*cli, "serve", "--port", str(port), "--workers", "0"], env=env,
                          cwd=REPO, stdout=(logs / "gateway.log").open("wb"), stderr=subprocess.STDOUT),
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
         try:
             if running.client.get("/readyz").status_code == 200:
@@ -83,7 +83,7 @@ def start_service(redis_url: str, var: Path, queue_prefix: str = "",
                 raise AssertionError(_logs(logs))
         if time.monotonic() > deadline:
             running.stop()
-            raise AssertionError("service not ready in 120 s\n" + _logs(logs))
+            raise AssertionError(f"service not ready in {JOB_TIMEOUT_S} s\n" + _logs(logs))
         time.sleep(0.5)
 
 
@@ -121,7 +121,7 @@ def submit(client: httpx.Client, body: dict[str, Any]) -> str:
 
 
 
-def wait_for_training(client: httpx.Client, job_id: str, timeout_s: float = 120) -> Any:
+def wait_for_training(client: httpx.Client, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> Any:
     """Poll until a training job runs and has reported a batch in its ``stage``; the job view."""
     deadline = time.monotonic() + timeout_s
     while True:
