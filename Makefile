@@ -54,6 +54,7 @@ bench: install data $(BENCH_STAMP)
 		$(BIN)/python -m bench.$$m --n $(RESNET_N) --peer-n 8 --repeats 1 \
 		$$( [ $$m = blackbox ] && echo --hsj-n 8 ); done
 	ADVERSA_BENCH_MODEL=fmnist-resnet18 $(BIN)/python -m bench.headtohead --chunk 32 --chunks 2
+	$(BIN)/python -m bench.byom
 	$(BIN)/python -m bench.summary
 
 install: $(STAMP)
