@@ -31,7 +31,8 @@ This VM's speed drifts by tens of percent over minutes (``bench/results/README.m
 sweep runs every row in one pass with each row's chunks spread evenly over it, the battery in
 rounds whose order reverses every other round, the ONNX pair alternately chunk by chunk; the CPU
 cores other processes kept busy are reported per section. Writes ``byom[-cuda][-quick].md`` and
-``.json`` into ``--out``; ``--quick`` is a smoke run of every part (about 2 minutes quiet).
+``.json`` into ``--out``. The default run takes about 20 minutes on a quiet 2-core VM; ``--quick``
+is a smoke run of every part (about 2 minutes).
 """
 
 from __future__ import annotations
