@@ -327,7 +327,8 @@ def _composition(spec: DefenseJob, defense: PreprocessingParams | EnsembleParams
             differentiable=defense.combine == "mean-probabilities" and all(c.differentiable for c in parts))
     draft = _output_card(spec, base_card, architecture=composition.kind, sha256=None,
                          composition=composition, lineage=Lineage(
-                             base_model=base_card.ref, recipe=defense.name, data="-", seed=spec.seed,
+                             base_model=base_card.ref, recipe=defense.name, data=base_card.lineage.data,
+                             seed=spec.seed,
                              parameters={**defense.model_dump(exclude={"name"}),
                                          "evaluation": spec.evaluation.model_dump()},
                              created=_now()), description=_describe(defense, base_card))

@@ -322,7 +322,9 @@ class TrainingParams(Strict):
     batch_size: int = Field(default=128, ge=8, le=4096)
     lr: float = Field(default=2e-3, gt=0, le=1, description="peak Adam learning rate (one-cycle)")
     data: str = Field(default="fashion-mnist:train", description="data set to train on: hosted "
-                      "(fashion-mnist:train, skimage-patches:train) or yours (name[@version]:split)")
+                      "(fashion-mnist:train, skimage-patches:train) or yours (name[@version]:split); "
+                      "default: the train split of the set the model was trained on (its card's "
+                      "lineage.data); an uploaded model names none, so name yours")
     limit: int | None = Field(default=None, ge=100, description="train on the first `limit` samples")
     init: Literal["scratch", "base"] = "scratch"
 
@@ -382,7 +384,9 @@ def _default_squeezers() -> list[list[Any]]:
 
 
 class FeatureSqueezingParams(Strict):
-    """Calibrate a feature-squeezing detector (Xu et al. 2018) on the model, stored with it."""
+    """Calibrate a feature-squeezing detector (Xu et al. 2018) on the model, stored with it. Slices
+    not given come from the model's own test split (``service.own_data.default_slices``: attack
+    inputs from the first half, calibration on the third quarter, held-out on the fourth)."""
 
     name: Literal["feature-squeezing"]
     squeezers: list[list[PreprocessStep]] = Field(
@@ -419,7 +423,8 @@ class Evaluation(Strict):
     """How a new model is measured before it is published (the card's metrics)."""
 
     data: str = Field(default="fashion-mnist:test", description="test data: hosted (fashion-mnist:test, "
-                      "skimage-patches:test) or yours (name[@version]:split)")
+                      "skimage-patches:test) or yours (name[@version]:split); default: the test split "
+                      "of the set the model was trained on (its card's lineage.data)")
     clean_limit: int = Field(default=10_000, ge=1, description="test images for clean accuracy (at most: "
                                                              "a smaller set is measured whole)")
     robust_limit: int = Field(default=1000, ge=0, description="test images for PGD robust accuracy")
@@ -470,7 +475,9 @@ class AdvGANTraining(Strict):
     batch_size: int = Field(default=128, ge=8, le=4096)
     lr: float = Field(default=1e-3, gt=0, le=1, description="Adam (betas 0.5, 0.999) for G and D")
     data: str = Field(default="fashion-mnist:train", description="data set to train on: hosted "
-                      "(fashion-mnist:train, skimage-patches:train) or yours (name[@version]:split)")
+                      "(fashion-mnist:train, skimage-patches:train) or yours (name[@version]:split); "
+                      "default: the train split of the set the model was trained on (its card's "
+                      "lineage.data); an uploaded model names none, so name yours")
     limit: int | None = Field(default=None, ge=1, description="train on the first `limit` samples")
     mode: Literal["semi-white-box", "black-box"] = Field(
         default="semi-white-box",
@@ -480,7 +487,8 @@ class AdvGANTraining(Strict):
                                                                    "generator step")
     surrogate_lr: float = Field(default=1e-3, gt=0, le=1, description="black-box: the surrogate's Adam")
     evaluation: DatasetInputs = Field(default_factory=_generator_evaluation,
-                                      description="held-out data the card's success rate is measured on")
+                                      description="held-out data the card's success rate is measured on "
+                                                  "(default: the first 1000 of the target's own test split)")
 
 
 class GeneratorRequest(AdvGANTraining):

@@ -17,6 +17,7 @@ from models.manifest import NAME_RE, CardIndex, ModelCard
 from service import inputs as inp
 from service.deps import DataCatalogDep, QueueDep, RegistryDep, SettingsDep, TeamDep, visible_card
 from service.errors import Problem, invalid
+from service.own_data import default_data, default_slices
 from service.routes.accept import accept, request_digest
 from service.settings import Settings
 from workers.specs import (
@@ -111,8 +112,10 @@ def check_defense(request: DefenseRequest, index: CardIndex, team: str, settings
         epochs = max(defense.epochs, getattr(defense, "teacher_epochs", None) or 0)
         if epochs > settings.max_epochs:
             raise invalid("defense.epochs", f"expected at most {settings.max_epochs} epochs, got {epochs}")
+        data = defense.data if "data" in defense.model_fields_set else default_data(
+            catalog, base, "train", team, "defense.data")
         defense = defense.model_copy(update={"data": _check_training_data(
-            "defense.data", defense.data, defense.limit, base, catalog, team)})
+            "defense.data", data, defense.limit, base, catalog, team)})
         eps = getattr(defense, "eps", None)
         if eps is not None and eps > inp.max_eps(base, "linf"):
             raise invalid("defense.eps", f"expected 0 < eps <= {inp.max_eps(base, 'linf'):g} on inputs "
@@ -137,15 +140,24 @@ def check_defense(request: DefenseRequest, index: CardIndex, team: str, settings
     if isinstance(defense, FeatureSqueezingParams):
         if request.output is not None:
             raise invalid("output", "expected no output name: a detector is stored with its model")
+        slices = ("calibration", "held_out", "attack_inputs")
+        if not set(slices) <= defense.model_fields_set:
+            own = default_slices(catalog, base, team, "defense.calibration")
+            defense = defense.model_copy(update={
+                what: own[what] for what in slices if what not in defense.model_fields_set})
         defense = defense.model_copy(update={
             what: inp.check_dataset(getattr(defense, what), base, 100_000, catalog, team,
                                     field=f"defense.{what}")
-            for what in ("calibration", "held_out", "attack_inputs")})
+            for what in slices})
         if defense.eps > inp.max_eps(base, "linf"):
             raise invalid("defense.eps", f"expected 0 < eps <= {inp.max_eps(base, 'linf'):g}, "
                                          f"got {defense.eps:g}")
         return base, None, request.model_copy(update={"defense": defense})
-    evaluation = _check_evaluation(request.evaluation, base, catalog, team)
+    evaluation = request.evaluation
+    if "data" not in evaluation.model_fields_set:
+        evaluation = evaluation.model_copy(update={"data": default_data(
+            catalog, base, "test", team, "evaluation.data")})
+    evaluation = _check_evaluation(evaluation, base, catalog, team)
     if evaluation.robust_limit > min(evaluation.clean_limit, settings.max_inputs):
         raise invalid("evaluation.robust_limit", f"expected at most clean_limit and "
                                                  f"{settings.max_inputs}, got {evaluation.robust_limit}")

@@ -28,6 +28,7 @@ from service.deps import (
 )
 from service.errors import Problem, invalid
 from service.forms import exact_version
+from service.own_data import default_data
 from service.routes.accept import accept, request_digest
 from service.settings import Settings
 from workers.specs import DatasetInputs, GeneratorJob, GeneratorRequest, JobView
@@ -38,7 +39,15 @@ SUFFIX = "advgan"
 
 def _check_data(body: GeneratorRequest, card: ModelCard, settings: Settings, catalog: DataCatalog,
                 team: str) -> GeneratorRequest:
-    """The training and held-out data fit the target; returns the request with both pinned."""
+    """The training and held-out data fit the target; returns the request with both pinned (a
+    request that names neither uses the target's own data: ``service.own_data``)."""
+    if "data" not in body.model_fields_set:
+        body = body.model_copy(update={"data": default_data(catalog, card, "train", team, "data")})
+    if "evaluation" not in body.model_fields_set:
+        ref = default_data(catalog, card, "test", team, "evaluation")
+        size = catalog.describe(ref, team).size
+        evaluation = DatasetInputs(dataset=ref, offset=0, limit=min(1000, size))
+        body = body.model_copy(update={"evaluation": evaluation})
     info = inp.describe_dataset(catalog, body.data, team, "data")
     if body.limit is not None and body.limit > info.size:
         raise invalid("limit", f"expected at most {info.size} samples of {info.ref}, got {body.limit}")

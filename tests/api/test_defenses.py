@@ -208,3 +208,56 @@ def test_openapi_documents_the_defenses(client: TestClient) -> None:
     for model in ("DefenseRequest", "FGSMTrainingParams", "PGDTrainingParams", "DistillationParams",
                   "PreprocessingParams", "EnsembleParams", "FeatureSqueezingParams"):
         assert model in names, model
+
+
+def test_defaults_are_the_models_own_data(client: TestClient, redis: Redis) -> None:
+    """skimage-cnn was trained on skimage-patches: a defense that names no data trains and measures
+    on that set's splits, not on grey Fashion-MNIST (the hosted grey models keep theirs)."""
+    pgd = {"name": "pgd-adversarial-training", "epochs": 1, "limit": 500}
+    assert defend(client, model="skimage-cnn", defense=pgd).status_code == 202
+    assert defend(client, model="skimage-cnn", defense={"name": "feature-squeezing"}, output=None
+                  ).status_code == 202
+    assert defend(client, model="fmnist-cnn", defense={"name": "feature-squeezing"}, output=None
+                  ).status_code == 202
+    trained, squeezed, grey = (job.args[0] for job in
+                               Queue("defenses", connection=redis, serializer=JSONSerializer).jobs)
+    assert trained["defense"]["data"] == "skimage-patches:train"
+    assert trained["evaluation"]["data"] == "skimage-patches:test"
+    # Feature squeezing's slices split the test set as they split Fashion-MNIST's 10000 images.
+    parts = ("attack_inputs", "calibration", "held_out")
+    slices = {what: (squeezed["defense"][what]["dataset"], squeezed["defense"][what]["offset"],
+                     squeezed["defense"][what]["limit"]) for what in parts}
+    assert slices == {"attack_inputs": ("skimage-patches:test", 0, 500),
+                      "calibration": ("skimage-patches:test", 600, 300),
+                      "held_out": ("skimage-patches:test", 900, 300)}
+    assert [(grey["defense"][what]["offset"], grey["defense"][what]["limit"])
+            for what in ("attack_inputs", "calibration", "held_out")] == [(0, 500), (5000, 2500), (7500, 2500)]
+    assert grey["defense"]["calibration"]["dataset"] == "fashion-mnist:test"
+    # What the caller names wins over the model's own data.
+    named = defend(client, model="skimage-cnn", defense={**pgd, "data": "skimage-patches:test"},
+                   evaluation={"data": "skimage-patches:train", "clean_limit": 100, "robust_limit": 10})
+    assert named.status_code == 202, named.text
+    payload = Queue("defenses", connection=redis, serializer=JSONSerializer).jobs[3].args[0]
+    assert payload["defense"]["data"] == "skimage-patches:test"
+    assert payload["evaluation"]["data"] == "skimage-patches:train"
+
+
+def test_an_uploaded_model_must_name_its_data(client: TestClient, redis: Redis, settings: Settings) -> None:
+    """An uploaded model names no training data: no silent Fashion-MNIST default, a 422 that says what
+    to name."""
+    base = CardIndex.default().card("skimage-cnn")
+    assert base is not None
+    weights = weights_bytes(build("small-cnn", (3, 32, 32), 8))
+    uploaded = base.model_copy(update={
+        "name": "their-net", "team": "public", "sha256": sha256_hex(weights),
+        "lineage": Lineage(recipe="upload", data="-", seed=0, created="2026-12-04T00:00:00Z")})
+    write_model(settings.models_root, uploaded, weights)
+    body = assert_problem(defend(client, model="their-net"), 422, "defense.data")
+    assert "names no data set" in body["detail"] and "POST /v1/datasets" in body["detail"]
+    assert_problem(defend(client, model="their-net", defense={"name": "feature-squeezing"}, output=None),
+                   422, "defense.calibration")
+    with_data = {**FGSM_AT, "data": "skimage-patches:train"}
+    assert_problem(defend(client, model="their-net", defense=with_data), 422, "evaluation.data")
+    assert queued(redis) == 0
+    named = defend(client, model="their-net", defense=with_data, evaluation={"data": "skimage-patches:test"})
+    assert named.status_code == 202, named.text

@@ -248,3 +248,11 @@ def test_openapi_documents_the_generators(client: TestClient) -> None:
         assert name in properties, name
     union = components["AttackRequest"]["properties"]["attack"]["oneOf"]
     assert {"$ref": "#/components/schemas/AdvGANParams"} in union
+
+
+def test_training_defaults_to_the_targets_own_data(client: TestClient, redis: Redis) -> None:
+    """skimage-cnn was trained on skimage-patches: its generator trains and is measured there."""
+    assert train(client, model="skimage-cnn", eps=0.05).status_code == 202
+    payload = payloads(redis)[0]
+    assert payload["data"] == "skimage-patches:train"
+    assert payload["evaluation"] == {"dataset": "skimage-patches:test", "offset": 0, "limit": 1000}
