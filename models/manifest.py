@@ -107,6 +107,31 @@ class RegistryCard(BaseModel):
         path.write_text(self.model_dump_json(indent=2) + "\n")
 
 
+class RobustnessEvaluation(BaseModel):
+    """How a card's ``robust_accuracy@<norm>:<eps>`` figures were measured: the attacks in cascade
+    order (each on the samples the previous left standing; a figure names an evaluation that
+    includes ``apgd-t``, a loss that a saturated softmax cannot flatten), their budget, and the
+    images (the first ``images`` of ``data`` from ``offset``). ``robust`` holds the count behind
+    each figure (``norm:eps`` -> samples that survived)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attacks: tuple[str, ...] = Field(min_length=1)
+    norm: Literal["linf", "l2"] = "linf"
+    eps: tuple[float, ...] = Field(min_length=1)
+    steps: int = Field(ge=1)
+    restarts: int = Field(default=1, ge=1)
+    n_target_classes: int = Field(ge=1)
+    data: str
+    offset: int = Field(default=0, ge=0)
+    images: int = Field(ge=1)
+    seed: int
+    robust: dict[str, int] = Field(default_factory=dict)
+    bpda: bool = False
+    torch: str | None = None
+    seconds: float | None = None
+
+
 class Throughput(BaseModel):
     """Images per second measured on one device at one batch size."""
 
@@ -156,6 +181,8 @@ class ModelCard(RegistryCard):
                                description="of the weights file; null for compositions")
     composition: Composition | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    robustness: RobustnessEvaluation | None = Field(
+        default=None, description="the evaluation behind the robust_accuracy figures of metrics")
     lineage: Lineage
     description: str = ""
     files: dict[str, str] = Field(default_factory=dict, description="further files -> sha256")

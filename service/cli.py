@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from workers.audit.gate import GateError, GateLine, evaluate_gate, parse_eps, parse_gate
+from workers.audit.intervals import text as interval_text
 from workers.audit.junit import junit_error, junit_xml
 
 app = typer.Typer(help="Adversa: adversarial-robustness service.", no_args_is_help=True)
@@ -408,20 +409,25 @@ def _print_summary(result: Mapping[str, Any], gate: Mapping[str, Any] | None, re
                    console: Console) -> None:
     title = f"audit of {result.get('model', '?')} (suite {result.get('suite', '?')}, n={result.get('n', '?')})"
     console.print(f"[bold]{escape(title)}[/bold]")
-    table = Table("metric", "value")
-    table.add_row("clean accuracy", _fmt(result.get("clean_accuracy")))
+    table = Table("metric", "value", "95% interval")
+    bands = result.get("intervals") or {}
+    table.add_row("clean accuracy", _fmt(result.get("clean_accuracy")),
+                  interval_text(bands.get("clean_accuracy")))
     for key, value in (result.get("robust_accuracy") or {}).items():
-        table.add_row(escape(f"robust accuracy @ {key}"), _fmt(value))
+        table.add_row(escape(f"robust accuracy @ {key}"), _fmt(value),
+                      interval_text((bands.get("robust_accuracy") or {}).get(key)))
     for attack, entry in (result.get("minimal") or {}).items():
         for norm in ("l2", "linf"):
             if isinstance(entry, dict) and entry.get(f"median_{norm}") is not None:
                 table.add_row(escape(f"{attack}: median {norm}"), _fmt(entry[f"median_{norm}"]))
     detector = result.get("detector") or {}
     for key, value in (detector.get("detect_reject_accuracy") or {}).items():
-        table.add_row(escape(f"detect/reject accuracy @ {key}"), _fmt(value))
+        table.add_row(escape(f"detect/reject accuracy @ {key}"), _fmt(value),
+                      interval_text((bands.get("detect_reject_accuracy") or {}).get(key)))
     for run in result.get("transfer") or []:
         table.add_row(escape(f"transfer from {run.get('surrogate')} @ {run.get('eps_label')}"),
-                      _fmt(run.get("success_rate")))
+                      _fmt(run.get("success_rate")),
+                      interval_text((bands.get("transfer_success_rate") or {}).get(run.get("surrogate"))))
     masking = result.get("masking_checks") or {}
     status = masking.get("status", "-")
     table.add_row("masking checks", f"[green]{status}[/green]" if status == "pass" else

@@ -28,6 +28,7 @@ from models.manifest import (
     DetectorCard,
     Lineage,
     ModelCard,
+    RobustnessEvaluation,
     team_file,
 )
 from models.publish import PublishError, publish_files
@@ -40,6 +41,7 @@ from models.registry import (
     weights_bytes,
 )
 from workers.attacks.base import goal_reached
+from workers.audit.card_eval import evaluate_card
 from workers.classifier import Classifier
 from workers.defenses.compose import build_composite
 from workers.defenses.preprocess import bpda
@@ -121,10 +123,12 @@ def _data(inputs: DatasetInputs | tuple[str, int, int | None], card: ModelCard, 
 
 
 def measure(model: Classifier, card: ModelCard, evaluation: Evaluation, ctx: Context, seed: int,
-            job: Job | None = None, team: str | None = None) -> dict[str, float]:
-    """The card's metrics: clean accuracy and PGD robust accuracy (Linf) on the test data.
+            job: Job | None = None, team: str | None = None) -> dict[str, Any]:
+    """The card's ``metrics`` and ``robustness``: clean accuracy on the test data, and robust
+    accuracy (Linf) under APGD-CE then APGD-T on its survivors (``workers.audit.card_eval``: PGD
+    on the cross-entropy let a saturated softmax pass for robust), with the evaluation named.
 
-    For a model whose gradients are useless (bit depth, JPEG), the PGD figure with plain gradients
+    For a model whose gradients are useless (bit depth, JPEG), the figure with plain gradients
     is reported next to the one with BPDA (straight-through gradients), which is the honest one.
     """
     device = model.device
@@ -132,22 +136,22 @@ def measure(model: Classifier, card: ModelCard, evaluation: Evaluation, ctx: Con
     metrics = {"clean_accuracy": round(accuracy(model.module, x, y, 500), 4)}
     n = min(evaluation.robust_limit, x.shape[0])
     if n == 0:
-        return metrics
+        return {"metrics": metrics}
     _check_cancel(job)
-    attack = PGDParams(name="pgd", eps=evaluation.eps, steps=evaluation.steps)
-    key = f"robust_accuracy@linf:{evaluation.eps:g}"
     batch = ctx.cache.batch_size(card, model)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x_adv, _, _ = craft(model, x[:n], y[:n], attack, batch, generator)
-    metrics[key] = round(accuracy(model.module, x_adv, y[:n], 500), 4)
+
+    def cascade() -> tuple[dict[str, float], RobustnessEvaluation]:
+        return evaluate_card(model, x[:n], y[:n], evaluation.data, (evaluation.eps,), steps=evaluation.steps,
+                             batch=batch, seed=seed)
+
+    robust, robustness = cascade()
     if not card.differentiable:
-        metrics[key.replace("robust", "plain_gradient_robust")] = metrics[key]
-        generator = torch.Generator(device=device).manual_seed(seed)
+        metrics.update({key.replace("robust", "plain_gradient_robust"): v for key, v in robust.items()})
         with bpda(model.module):
-            x_adv, _, _ = craft(model, x[:n], y[:n], attack, batch, generator)
-        metrics[key] = round(accuracy(model.module, x_adv, y[:n], 500), 4)
+            robust, robustness = cascade()
+        robustness = robustness.model_copy(update={"bpda": True})
     model.reset_counters()
-    return metrics
+    return {"metrics": {**metrics, **robust}, "robustness": robustness}
 
 
 def _output_card(spec: DefenseJob, base: ModelCard, **fields: Any) -> ModelCard:
@@ -274,8 +278,7 @@ def _training(spec: DefenseJob, defense: FGSMTrainingParams | PGDTrainingParams 
                     "torch": torch.__version__.split("+")[0], "device": str(device)},
         created=_now()), description=_describe(defense, base_card))
     handle = Classifier(module, draft.num_classes, draft.input_shape, draft.bounds, spec.output or "")
-    metrics = measure(handle, draft, spec.evaluation, ctx, spec.seed, job, spec.team)
-    draft = draft.model_copy(update={"metrics": metrics})
+    draft = draft.model_copy(update=measure(handle, draft, spec.evaluation, ctx, spec.seed, job, spec.team))
     _check_cancel(job)
     card = _publish(spec, ctx, root, draft, files)
     return _summary(card)
@@ -336,8 +339,7 @@ def _composition(spec: DefenseJob, defense: PreprocessingParams | EnsembleParams
     handle = Classifier(module, draft.num_classes, draft.input_shape, draft.bounds, spec.output or "",
                         differentiable=draft.differentiable)
     _progress(job, 0.5, stage={"phase": "evaluate"})
-    metrics = measure(handle, draft, spec.evaluation, ctx, spec.seed, job, spec.team)
-    draft = draft.model_copy(update={"metrics": metrics})
+    draft = draft.model_copy(update=measure(handle, draft, spec.evaluation, ctx, spec.seed, job, spec.team))
     _check_cancel(job)
     card = _publish(spec, ctx, root, draft, {})
     return _summary(card)

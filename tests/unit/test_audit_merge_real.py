@@ -153,9 +153,13 @@ def test_a_transfer_line_is_checked_at_the_transfer_eps_and_can_pass_or_fail(ctx
                                    "success_rate": result["transfer"][0]["success_rate"]}]
     rate = result["transfer"][0]["success_rate"]
     assert 0 < rate <= 1
+    # a proportion of the 8 correctly classified inputs, with its 95% interval
+    band = result["intervals"]["transfer_success_rate"]["tiny-surrogate@1"]
+    assert band["n"] == 8 and band["k"] == round(rate * 8) and band["lower"] < rate <= band["upper"]
+    ci = f"(95% CI {band['lower']:.4f}-{band['upper']:.4f}, n=8)"
     (passed, detail), (failed, why) = _lines(result)
-    assert passed and detail == f"measured {rate:.6g} (surrogate tiny-surrogate@1) >= 0"
-    assert not failed and why == f"measured {rate:.6g} (surrogate tiny-surrogate@1), expected > 1"
+    assert passed and detail == f"measured {rate:.6g} (surrogate tiny-surrogate@1) {ci} >= 0"
+    assert not failed and why == f"measured {rate:.6g} (surrogate tiny-surrogate@1) {ci}, expected > 1"
 
 
 @pytest.mark.parametrize(("line", "extra", "message"), [
@@ -164,6 +168,12 @@ def test_a_transfer_line_is_checked_at_the_transfer_eps_and_can_pass_or_fail(ctx
     ("transfer_success_rate@linf:0.3 <= 0.5", {"surrogates": []}, "expected surrogates for a transfer line"),
     ("robust_accuracy@linf:0.3 >= 0.5", {}, "expected an eps of the linf grid [linf:0.01, linf:0.02], "
                                             "got linf:0.3"),
+    ("robust_accuracy@linf:0.3.lower >= 0.5", {}, "expected an eps of the linf grid [linf:0.01, linf:0.02], "
+                                                  "got linf:0.3"),
+    ("robust_accuracy@linf:0.01.mean >= 0.5", {}, "thresholds[0]: expected .lower or .upper (a bound of the "
+                                                  "95% interval) after the metric, got .mean in "
+                                                  "'robust_accuracy@linf:0.01.mean >= 0.5'"),
+    ("median_perturbation@l2.lower >= 0.5", {}, "median_perturbation has no interval"),
 ])
 def test_the_gateway_checks_transfer_lines_against_the_transfer_eps(ctx: Context, line: str,
                                                                    extra: dict[str, Any], message: str) -> None:

@@ -54,6 +54,19 @@ RESULT: dict[str, Any] = {
     ("masking_checks != warn", GateLine("masking_checks != warn", "masking_checks", None, None, "!=", "warn")),
     ("transfer_success_rate@linf:0.1 <= 0.3",
      GateLine("transfer_success_rate@linf:0.1 <= 0.3", "transfer_success_rate", "linf", 0.1, "<=", 0.3)),
+    ("robust_accuracy@linf:8/255.lower >= 0.4",
+     GateLine("robust_accuracy@linf:8/255.lower >= 0.4", "robust_accuracy", "linf", 8 / 255, ">=", 0.4,
+              "lower")),
+    ("robust_accuracy@linf:0.1.upper < 0.5",
+     GateLine("robust_accuracy@linf:0.1.upper < 0.5", "robust_accuracy", "linf", 0.1, "<", 0.5, "upper")),
+    ("clean_accuracy.UPPER <= 0.99",
+     GateLine("clean_accuracy.UPPER <= 0.99", "clean_accuracy", None, None, "<=", 0.99, "upper")),
+    ("detect_reject_accuracy@linf:0.1 .lower >= 0.6",
+     GateLine("detect_reject_accuracy@linf:0.1 .lower >= 0.6", "detect_reject_accuracy", "linf", 0.1, ">=", 0.6,
+              "lower")),
+    ("transfer_success_rate@linf:0.1.upper <= 0.3",
+     GateLine("transfer_success_rate@linf:0.1.upper <= 0.3", "transfer_success_rate", "linf", 0.1, "<=", 0.3,
+              "upper")),
 ])
 def test_parse_every_metric(text: str, expected: GateLine) -> None:
     assert parse_line(text) == expected
@@ -86,7 +99,7 @@ def test_masking_value_may_be_quoted() -> None:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("", "expected `<metric>[@<norm>:<eps>] <op> <value>`, got an empty line"),
+    ("", "expected `<metric>[@<norm>:<eps>][.lower|.upper] <op> <value>`, got an empty line"),
     ("robust_accuracy", "with <op> one of >=, >, <=, <, ==, !=, got 'robust_accuracy' (no operator)"),
     (">= 0.4", "no metric before '>='"),
     ("robust_acc@linf:0.1 >= 0.4", "expected a metric among clean_accuracy, robust_accuracy, "
@@ -114,6 +127,14 @@ def test_masking_value_may_be_quoted() -> None:
     ("median_perturbation@l2 >= -1", "expected a number >= 0 for median_perturbation, got '-1'"),
     ("masking_checks >= pass", "masking_checks compares with == or != only, got '>='"),
     ("masking_checks == ok", "expected masking_checks == pass or warn, got 'ok'"),
+    ("robust_accuracy@linf:0.1.mean >= 0.4", "expected .lower or .upper (a bound of the 95% interval) after "
+                                             "the metric, got .mean in 'robust_accuracy@linf:0.1.mean >= 0.4'"),
+    ("clean_accuracy.low >= 0.9", "expected .lower or .upper (a bound of the 95% interval) after the metric, "
+                                  "got .low"),
+    ("median_perturbation@l2.lower >= 0.5", "expected .lower on a rate (clean_accuracy, "
+                                            "detect_reject_accuracy, robust_accuracy, transfer_success_rate); "
+                                            "median_perturbation has no interval"),
+    ("masking_checks.upper == pass", "masking_checks has no interval"),
 ])
 def test_errors_say_what_was_expected(text: str, expected: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -178,8 +199,10 @@ def test_everything_measured_and_met_passes() -> None:
                     "transfer_success_rate@linf:0.1 <= 0.4")
     assert report["verdict"] == "pass", report
     first, robust, _, median, masking, detector, transfer = report["lines"]
-    assert first == {"expression": "clean_accuracy >= 0.9", "metric": "clean_accuracy", "value": 0.92,
-                     "threshold": 0.9, "passed": True, "detail": "measured 0.92 >= 0.9"}
+    # a result without intervals (from before they were recorded) is judged on the rates alone
+    assert first == {"expression": "clean_accuracy >= 0.9", "metric": "clean_accuracy", "bound": None,
+                     "value": 0.92, "estimate": 0.92, "interval": None, "threshold": 0.9, "passed": True,
+                     "detail": "measured 0.92 >= 0.9"}
     assert robust["value"] == 0.41 and robust["detail"] == "measured 0.41 >= 0.4"
     # the strongest minimal-perturbation attack (smallest median) is the one gated
     assert median["value"] == 0.48 and "carlini-wagner-l2" in median["detail"]

@@ -3,18 +3,24 @@ parsed (the gateway validates them before it queues anything) and evaluated agai
 
 Torch-free and stdlib only: the gateway and the ``adversa audit`` command import it.
 
-A line is ``<metric>[@<norm>[:<eps>]] <op> <value>``. A metric that the result does not hold (an
-eps outside the sweep, a section that did not run) makes its line fail: a gate never passes on
-missing data.
+A line is ``<metric>[@<norm>[:<eps>]][.lower|.upper] <op> <value>``. A metric that the result does
+not hold (an eps outside the sweep, a section that did not run) makes its line fail: a gate never
+passes on missing data. ``.lower`` and ``.upper`` compare a bound of the rate's 95% Wilson interval
+(``result["intervals"]``, see ``workers.audit.intervals``) instead of the rate itself:
+``robust_accuracy@linf:8/255.lower >= 0.4`` passes only when the sample is large enough to say so.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from workers.audit.intervals import BOUNDS
+from workers.audit.intervals import text as interval_text
 
 NORMS = ("linf", "l2")
 OPS: dict[str, Callable[[Any, Any], bool]] = {
@@ -39,7 +45,8 @@ METRICS: dict[str, str | None] = {
     "transfer_success_rate": "norm:eps",
 }
 RATES = frozenset({"clean_accuracy", "robust_accuracy", "detect_reject_accuracy", "transfer_success_rate"})
-SYNTAX = "expected `<metric>[@<norm>:<eps>] <op> <value>`"
+SYNTAX = "expected `<metric>[@<norm>:<eps>][.lower|.upper] <op> <value>`"
+_SUFFIX = re.compile(r"\.\s*([A-Za-z_]\w*)\s*$")  # a word after the last dot: never part of an eps
 EXAMPLES = {
     "clean_accuracy": "clean_accuracy >= 0.9",
     "robust_accuracy": "robust_accuracy@linf:8/255 >= 0.4",
@@ -53,7 +60,8 @@ EXAMPLES = {
 @dataclass(frozen=True)
 class GateLine:
     """One parsed threshold. ``value`` is a float for numeric metrics, ``"pass"``/``"warn"`` for
-    ``masking_checks``."""
+    ``masking_checks``. ``bound``: ``"lower"``/``"upper"`` to compare that bound of the 95%
+    interval instead of the rate."""
 
     expression: str
     metric: str
@@ -61,6 +69,7 @@ class GateLine:
     eps: float | None
     op: str
     value: float | str
+    bound: str | None = None
 
 
 class GateError(ValueError):
@@ -202,13 +211,23 @@ def parse_line(text: str) -> GateLine:
     left, op, raw_value = _split_op(expression)
     if not left:
         raise ValueError(f"{SYNTAX}, got {expression!r} (no metric before {op!r})")
+    bound = None
+    if found := _SUFFIX.search(left):
+        bound = found.group(1).lower()
+        if bound not in BOUNDS:
+            raise ValueError(f"expected .lower or .upper (a bound of the 95% interval) after the metric, "
+                             f"got .{found.group(1)} in {expression!r}")
+        left = left[:found.start()].strip()
     name, at, suffix = (part.strip() for part in left.partition("@"))
     name = name.lower()
     if name not in METRICS:
         raise ValueError(f"expected a metric among {', '.join(METRICS)}, got {name!r} in {expression!r}")
+    if bound is not None and name not in RATES:
+        raise ValueError(f"expected .{bound} on a rate ({', '.join(sorted(RATES))}); {name} has no "
+                         f"interval, got {expression!r}")
     norm, eps = _parse_target(name, suffix if at else None, expression)
     value = _parse_value(name, op, raw_value, expression)
-    return GateLine(expression, name, norm, eps, op, value)
+    return GateLine(expression, name, norm, eps, op, value, bound)
 
 
 def parse_gate(lines: Sequence[str]) -> list[GateLine]:
@@ -243,7 +262,16 @@ def _by_eps(table: Any, norm: str, eps: float) -> tuple[str, Any] | None:
     return None if hit is None else (str(keys[hit][0]), table[keys[hit][0]])
 
 
-Measured = tuple[float | str | None, str]  # (value or None, where it came from / why it is missing)
+# (value or None, where it came from / why it is missing, the rate's 95% interval if the result has it)
+Measured = tuple[float | str | None, str, Mapping[str, Any] | None]
+
+
+def _band(result: Mapping[str, Any], *path: str) -> Mapping[str, Any] | None:
+    """``result["intervals"][path[0]][path[1]]...``, None where any step is missing."""
+    node: Any = result.get("intervals")
+    for step in path:
+        node = node.get(step) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else None
 
 
 def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
@@ -251,30 +279,30 @@ def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
     if metric == "clean_accuracy":
         value = _number(result.get("clean_accuracy"))
         if value is not None:
-            return value, ""
+            return value, "", _band(result, "clean_accuracy")
         if result.get("labels") == "predicted":
             return None, ("clean_accuracy is null: the inputs came without labels, so predictions had "
-                          "nothing to be compared with (send labels, or gate on robust_accuracy)")
-        return None, "clean_accuracy is not in the result (or is null)"
+                          "nothing to be compared with (send labels, or gate on robust_accuracy)"), None
+        return None, "clean_accuracy is not in the result (or is null)", None
     if metric == "masking_checks":
         section = result.get("masking_checks")
         if not isinstance(section, Mapping) or (status := section.get("status")) not in MASKING_VALUES:
-            return None, "the result has no masking_checks status"
+            return None, "the result has no masking_checks status", None
         warned = [str(c.get("name")) for c in section.get("checks") or []
                   if isinstance(c, Mapping) and c.get("status") == "warn"]
-        return status, f" (warnings: {', '.join(warned)})" if warned else ""
+        return status, f" (warnings: {', '.join(warned)})" if warned else "", None
     assert norm is not None
     if metric == "median_perturbation":
         section = result.get("minimal")
         if not isinstance(section, Mapping) or not section:
-            return None, "the minimal-perturbation section did not run"
+            return None, "the minimal-perturbation section did not run", None
         field = f"median_{norm}"
         found = [(v, str(attack)) for attack, entry in section.items() if isinstance(entry, Mapping)
                  if (v := _number(entry.get(field))) is not None]
         if not found:
-            return None, f"no minimal-perturbation attack reported {field}"
+            return None, f"no minimal-perturbation attack reported {field}", None
         value, attack = min(found)
-        return value, f" ({attack})"
+        return value, f" ({attack})", None
     assert eps is not None
     label = eps_key(norm, eps)
     if metric == "robust_accuracy":
@@ -282,24 +310,28 @@ def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
         hit = _by_eps(table, norm, eps)
         if hit is None:
             grid = ", ".join(map(str, table)) if isinstance(table, Mapping) and table else "nothing"
-            return None, f"robust_accuracy has no entry for {label} (the sweep measured {grid})"
+            return None, f"robust_accuracy has no entry for {label} (the sweep measured {grid})", None
         value = _number(hit[1])
-        return (value, "") if value is not None else (None, f"robust_accuracy[{hit[0]}] is not a number")
+        if value is None:
+            return None, f"robust_accuracy[{hit[0]}] is not a number", None
+        return value, "", _band(result, "robust_accuracy", hit[0])
     if metric == "detect_reject_accuracy":
         detector = result.get("detector")
         if not isinstance(detector, Mapping):
-            return None, "the detector section did not run (no calibrated detector?)"
+            return None, "the detector section did not run (no calibrated detector?)", None
         table = detector.get("detect_reject_accuracy")
         hit = _by_eps(table, norm, eps)
         if hit is None:
             grid = ", ".join(map(str, table)) if isinstance(table, Mapping) and table else "nothing"
-            return None, f"detect_reject_accuracy has no entry for {label} (measured {grid})"
+            return None, f"detect_reject_accuracy has no entry for {label} (measured {grid})", None
         value = _number(hit[1])
-        return (value, "") if value is not None else (None, f"detect_reject_accuracy[{hit[0]}] is not a number")
-    # transfer_success_rate: the most successful surrogate at that budget
+        if value is None:
+            return None, f"detect_reject_accuracy[{hit[0]}] is not a number", None
+        return value, "", _band(result, "detect_reject_accuracy", hit[0])
+    # transfer_success_rate: the most successful surrogate at that budget (by the bound, for a bound)
     runs = result.get("transfer")
     if not isinstance(runs, list) or not runs:
-        return None, "the transfer section did not run (no surrogates given?)"
+        return None, "the transfer section did not run (no surrogates given?)", None
     measured: list[tuple[Mapping[str, Any], float]] = [
         (run, parsed[1]) for run in runs if isinstance(run, Mapping)
         if (parsed := parse_eps_key(str(run.get("eps_label", "")))) and parsed[0] == norm]
@@ -309,23 +341,46 @@ def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
         if value == measured[at][1] and (rate := _number(run.get("success_rate"))) is not None]
     if not found:
         labels = ", ".join(sorted({str(r.get("eps_label")) for r in runs if isinstance(r, Mapping)}))
-        return None, f"no transfer run at {label} (measured {labels or 'nothing'})"
-    value, surrogate = max(found)
-    return value, f" (surrogate {surrogate})"
+        return None, f"no transfer run at {label} (measured {labels or 'nothing'})", None
+    bands = [(rate, surrogate, _band(result, "transfer_success_rate", surrogate)) for rate, surrogate in found]
+    if line.bound is not None:
+        value, surrogate, band = max(bands, key=lambda b: (_bound(b[2], line.bound), b[0]))
+    else:
+        value, surrogate, band = max(bands, key=lambda b: (b[0], b[1]))
+    return value, f" (surrogate {surrogate})", band
+
+
+def _bound(band: Mapping[str, Any] | None, bound: str | None) -> float:
+    value = _number(band.get(bound)) if band is not None and bound is not None else None
+    return -math.inf if value is None else value
 
 
 def evaluate_line(line: GateLine, result: Mapping[str, Any]) -> dict[str, Any]:
-    value, note = _measure(line, result)
+    """The line's verdict: ``value`` is what was compared (the bound for a ``.lower``/``.upper``
+    line), ``estimate`` the measured rate, ``interval`` its 95% interval (None if not a rate)."""
+    value, note, band = _measure(line, result)
+    interval = None if band is None else {k: band.get(k) for k in ("lower", "upper", "n")}
+    row = {"expression": line.expression, "metric": line.metric, "bound": line.bound, "value": None,
+           "estimate": value, "interval": interval, "threshold": line.value, "passed": False}
     if value is None:
-        return {"expression": line.expression, "metric": line.metric, "value": None,
-                "threshold": line.value, "passed": False, "detail": f"not measured: {note}"}
+        return {**row, "detail": f"not measured: {note}"}
+    ci = interval_text(band)
+    measured = f"{_fmt(value)}{note}"
+    if line.bound is not None:
+        compared = _number(band.get(line.bound)) if band is not None else None
+        if compared is None:
+            return {**row, "detail": f"not measured: the result has no 95% interval for {line.metric} "
+                                     f"(measured {measured})"}
+        measured = f"{line.bound} bound {_fmt(compared)} (estimate {measured}; {ci})"
+        value = compared
+    elif ci:
+        measured = f"{measured} ({ci})"
     passed = bool(OPS[line.op](value, line.value))
     if passed:
-        detail = f"measured {_fmt(value)}{note} {line.op} {_fmt(line.value)}"
+        detail = f"measured {measured} {line.op} {_fmt(line.value)}"
     else:
-        detail = f"measured {_fmt(value)}{note}, expected {line.op} {_fmt(line.value)}"
-    return {"expression": line.expression, "metric": line.metric, "value": value,
-            "threshold": line.value, "passed": passed, "detail": detail}
+        detail = f"measured {measured}, expected {line.op} {_fmt(line.value)}"
+    return {**row, "value": value, "passed": passed, "detail": detail}
 
 
 def evaluate_gate(lines: Sequence[GateLine], result: Mapping[str, Any]) -> dict[str, Any]:

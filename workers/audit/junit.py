@@ -10,6 +10,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from typing import Any
 
+from workers.audit.intervals import text as interval_text
+
 # characters XML 1.0 cannot carry, even escaped
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -37,11 +39,17 @@ def _case(name: str, classname: str) -> ET.Element:
     return ET.Element("testcase", {"name": _text(name), "classname": _text(classname), "time": "0"})
 
 
+def _section(parent: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = parent.get(name)
+    return value if isinstance(value, Mapping) else {}
+
+
 def junit_xml(result: Mapping[str, Any], suite_name: str, *,
               extra_properties: Mapping[str, Any] | None = None) -> bytes:
     """One ``<testcase>`` per gate line of ``result["gate"]`` (a ``<failure type="gate">`` with the
     line's detail when it failed), or one passing ``audit completed`` case when nothing was gated.
-    Properties: model, suite, n, clean accuracy, robust accuracy per eps, masking status, verdict."""
+    Properties: model, suite, n, clean accuracy, robust accuracy per eps (each rate followed by a
+    ``<name>.interval`` property with its 95% interval and sample count), masking status, verdict."""
     model = str(result.get("model") or "model")
     classname = f"adversa.audit.{model}"
     gate = result.get("gate")
@@ -69,9 +77,16 @@ def junit_xml(result: Mapping[str, Any], suite_name: str, *,
         "clean_accuracy": "" if result.get("clean_accuracy") is None else result["clean_accuracy"],
         "masking_checks": masking.get("status", "") if isinstance(masking, Mapping) else "",
     }
+    intervals = _section(result, "intervals")
+    if ci := interval_text(intervals.get("clean_accuracy")):
+        properties["clean_accuracy.interval"] = ci
     robust = result.get("robust_accuracy")
+    bands = _section(intervals, "robust_accuracy")
     if isinstance(robust, Mapping):
-        properties.update({f"robust_accuracy@{key}": value for key, value in robust.items()})
+        for key, value in robust.items():
+            properties[f"robust_accuracy@{key}"] = value
+            if ci := interval_text(bands.get(key)):
+                properties[f"robust_accuracy@{key}.interval"] = ci
     if isinstance(gate, Mapping) and gate.get("verdict"):
         properties["verdict"] = gate["verdict"]
     properties.update(extra_properties or {})

@@ -1,6 +1,10 @@
 """Merge the chunks of an audit into its result: robust-accuracy curves (per attack and the worst
 case), per-class table, minimal perturbations, detector and transfer figures, and the
-gradient-masking checks with their evidence. numpy only (no torch)."""
+gradient-masking checks with their evidence. numpy only (no torch).
+
+Every proportion also gets its sample count and 95% Wilson interval in ``result["intervals"]``,
+which mirrors the figures it qualifies (``intervals.robust_accuracy["linf:0.1"]`` for
+``robust_accuracy["linf:0.1"]``): 100 images cannot tell 0.40 from 0.50, and a gate may say so."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from workers.audit.gate import EPS_REL_TOL, eps_key
+from workers.audit.intervals import interval
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,11 @@ def _rate(hits: np.ndarray, total: int) -> float | None:
     return round(float(hits.sum()) / total, 4) if total else None
 
 
+def _interval(hits: np.ndarray, total: int) -> dict[str, Any] | None:
+    """The 95% Wilson interval that goes with ``_rate(hits, total)``."""
+    return interval(int(hits.sum()), total)
+
+
 def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages: Mapping[str, Sequence[str]],
           minimal_norms: Mapping[str, str], classes: Sequence[str], tolerances: Tolerances | None = None,
           detector: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -98,15 +108,19 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
                               "clean_accuracy": _rate(correct, n) if labelled else None, "curves": {},
                               "robust_accuracy": {}, "bpda": any(c.bpda for c in chunks),
                               "eot": any(c.eot for c in chunks)}
+    intervals: dict[str, Any] = {"clean_accuracy": _interval(correct, n) if labelled else None,
+                                 "robust_accuracy": {}, "curves": {}}
     worst_by_norm: dict[str, np.ndarray] = {}
     for norm, grid in grids.items():
         labels_eps = [eps_key(norm, e).split(":", 1)[1] for e in grid]
         curve: dict[str, Any] = {"eps": [float(e) for e in grid], "labels": labels_eps, "attacks": {}}
+        bands: dict[str, Any] = {"attacks": {}}
         columns = []
         if stages.get(norm):
             robust = _cat([c.robust[norm] for c in chunks])  # (stages, eps, n)
             for s, name in enumerate(stages[norm]):
                 curve["attacks"][name] = [_rate(robust[s, e], n) for e in range(len(grid))]
+                bands["attacks"][name] = [_interval(robust[s, e], n) for e in range(len(grid))]
             columns.append(np.asarray(robust.all(0))[None])
         for name, metric in minimal_norms.items():
             if metric != norm:
@@ -114,15 +128,19 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
             sizes = _cat([c.minimal[name] for c in chunks])
             held: np.ndarray = np.stack([correct & ~(sizes <= e) for e in grid])  # failures count as robust
             curve["attacks"][name] = [_rate(held[e], n) for e in range(len(grid))]
+            bands["attacks"][name] = [_interval(held[e], n) for e in range(len(grid))]
             columns.append(held[None])
         if not columns:
             continue
         worst: np.ndarray = np.asarray(np.concatenate(columns, 0).all(0))
         worst_by_norm[norm] = worst
         curve["worst_case"] = [_rate(worst[e], n) for e in range(len(grid))]
+        bands["worst_case"] = [_interval(worst[e], n) for e in range(len(grid))]
         result["curves"][norm] = curve
+        intervals["curves"][norm] = bands
         for e, eps in enumerate(grid):
             result["robust_accuracy"][eps_key(norm, eps)] = _rate(worst[e], n)
+            intervals["robust_accuracy"][eps_key(norm, eps)] = _interval(worst[e], n)
 
     result["per_class"] = []
     for k, name in enumerate(classes):
@@ -132,17 +150,23 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
         row: dict[str, Any] = {"class": k, "name": name, "n": int(mask.sum()),
                                "clean_accuracy": _rate(correct[mask], int(mask.sum())) if labelled else None,
                                "robust_accuracy": {}}
+        row["intervals"] = {"clean_accuracy": _interval(correct[mask], int(mask.sum())) if labelled else None,
+                            "robust_accuracy": {}}
         for norm, worst in worst_by_norm.items():
             for e, eps in enumerate(grids[norm]):
                 row["robust_accuracy"][eps_key(norm, eps)] = _rate(worst[e][mask], int(mask.sum()))
+                row["intervals"]["robust_accuracy"][eps_key(norm, eps)] = _interval(worst[e][mask],
+                                                                                    int(mask.sum()))
         result["per_class"].append(row)
 
     result["minimal"] = None
     if minimal_norms:
         result["minimal"] = {}
+        intervals["minimal_success_rate"] = {}
         for name, metric in minimal_norms.items():
             sizes = _cat([c.minimal[name] for c in chunks])[correct]
             found = sizes[np.isfinite(sizes)]
+            intervals["minimal_success_rate"][name] = _interval(np.isfinite(sizes), n_correct)
             result["minimal"][name] = {
                 "success_rate": _rate(np.isfinite(sizes), n_correct),
                 f"median_{metric}": round(float(np.median(found)), 5) if found.size else None,
@@ -155,14 +179,18 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
                                 "detection_rate_by_attack": {}}
         clean_flagged = _cat([c.clean_flagged for c in chunks if c.clean_flagged is not None])
         info["clean_rejection_rate"] = _rate(clean_flagged, n)
+        intervals["clean_rejection_rate"] = _interval(clean_flagged, n)
+        intervals["detection_rate"], intervals["detect_reject_accuracy"] = {}, {}
         for norm, worst in worst_by_norm.items():
             flagged = _cat([c.flagged[norm] for c in chunks])
             for e, eps in enumerate(grids[norm]):
                 broken = correct & ~worst[e]
                 key = eps_key(norm, eps)
                 info["detection_rate"][key] = _rate(flagged[e] & broken, int(broken.sum()))
+                intervals["detection_rate"][key] = _interval(flagged[e] & broken, int(broken.sum()))
                 # An attacked input counts as stopped if it is classified correctly or rejected.
                 info["detect_reject_accuracy"][key] = _rate(worst[e] | (broken & flagged[e]), n)
+                intervals["detect_reject_accuracy"][key] = _interval(worst[e] | (broken & flagged[e]), n)
             by_stage = [c.flagged_by_stage.get(norm) for c in chunks]
             if stages.get(norm) and all(f is not None for f in by_stage):
                 flags = _cat([f for f in by_stage if f is not None])  # (stages, eps, n)
@@ -180,6 +208,10 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
         {"surrogate": name, "eps_label": None if transfer_eps is None else eps_key("linf", transfer_eps),
          "success_rate": _rate(_cat([c.transfer[name] for c in chunks]), n_correct)}
         for name in transfers] or None
+    if transfers:
+        intervals["transfer_success_rate"] = {
+            name: _interval(_cat([c.transfer[name] for c in chunks]), n_correct) for name in transfers}
+    result["intervals"] = intervals
     attacked = next(((c.bounds, c.input_shape) for c in chunks if c.bounds is not None), None)
     reach = {norm: budget for norm in grids
              if attacked is not None and (budget := reach_eps(norm, *attacked)) is not None}

@@ -164,13 +164,15 @@ def render_report(result: Mapping[str, Any], samples: ReportSamples | None, clas
     body = "\n".join(
         [
             f"<header><h1>{_e(title)}</h1>{_summary(result)}</header>",
-            _section("Robust accuracy", _curves(result.get("curves"), result.get("clean_accuracy"))),
+            _section("Robust accuracy", _curves(result.get("curves"), result.get("clean_accuracy"),
+                                                _bands(result, "curves"))),
             _section("Gradient-masking checks", _masking(result.get("masking_checks"))),
             _section("Gate", _gate(result.get("gate"))),
             _section("Per class", _per_class(result)),
             _section("Minimal perturbations", _minimal(result.get("minimal"))),
-            _section("Detector", _detector(result.get("detector"))),
-            _section("Transfer attacks", _transfer(result.get("transfer"))),
+            _section("Detector", _detector(result.get("detector"), _bands(result))),
+            _section("Transfer attacks",
+                     _transfer(result.get("transfer"), _bands(result, "transfer_success_rate"))),
             _section("Sample images", _samples(samples, classes)),
         ]
     )
@@ -199,6 +201,21 @@ def _pct(value: Any) -> str:
     if not _is_number(value) or not math.isfinite(value):
         return MISSING if value is None else _e(value)
     return f"{100 * value:.1f}%"
+
+
+def _ci(band: Any) -> str:
+    """A 95% interval as ``"36.8–45.4%"`` (``MISSING`` when there is none)."""
+    if not isinstance(band, Mapping) or not all(_is_number(band.get(b)) for b in ("lower", "upper")):
+        return MISSING
+    return f"{100 * band['lower']:.1f}–{100 * band['upper']:.1f}%"
+
+
+def _bands(result: Mapping[str, Any], *path: str) -> Mapping[str, Any]:
+    """``result["intervals"][path...]`` (the 95% intervals that mirror the result's rates), or {}."""
+    node: Any = result.get("intervals")
+    for step in path:
+        node = node.get(step) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else {}
 
 
 def _num(value: Any) -> str:
@@ -269,7 +286,7 @@ def _summary(result: Mapping[str, Any]) -> str:
         ("Suite", _num(result.get("suite"))),
         ("Samples (n)", _num(result.get("n"))),
         ("Seed", _num(result.get("seed"))),
-        ("Clean accuracy", _pct(result.get("clean_accuracy"))),
+        ("Clean accuracy", _pct(result.get("clean_accuracy")) + _ci_note(_bands(result).get("clean_accuracy"))),
         ("Verdict", verdict_html),
         ("BPDA used", _num(result.get("bpda")) if result.get("bpda") is not None else "not recorded"),
         ("EOT used", _num(result.get("eot")) if result.get("eot") is not None else "not recorded"),
@@ -279,7 +296,15 @@ def _summary(result: Mapping[str, Any]) -> str:
     return f'<dl class="summary">{cells}</dl>'
 
 
-def _curves(curves: Any, clean_accuracy: Any = None) -> str:
+def _ci_note(band: Any) -> str:
+    if _ci(band) == MISSING:
+        return ""
+    return f' <span class="ci">(95% CI {_ci(band)}, n={_num(band.get("n"))})</span>'
+
+
+def _curves(curves: Any, clean_accuracy: Any = None, bands: Mapping[str, Any] | None = None) -> str:
+    """Per norm: the chart (the worst case with its 95% intervals as error bars) and the table
+    (every figure, and a row of the worst case's intervals)."""
     if not isinstance(curves, Mapping) or not curves:
         return NOT_RUN
     clean = clean_accuracy if _is_number(clean_accuracy) and math.isfinite(clean_accuracy) else None
@@ -293,13 +318,18 @@ def _curves(curves: Any, clean_accuracy: Any = None) -> str:
         attacks = curve.get("attacks") or {}
         series = [(str(name), list(values or [])) for name, values in attacks.items()]
         worst = curve.get("worst_case")
+        band = (bands or {}).get(norm)
+        worst_band = list(band.get("worst_case") or []) if isinstance(band, Mapping) else []
         chart = line_chart_svg(f"Robust accuracy under {norm} attacks", f"eps ({norm})", eps, series,
-                               list(worst) if worst else None, clean, labels)
+                               list(worst) if worst else None, clean, labels, worst_band)
         first = [_pct(clean)] if clean is not None else []
         rows = [[_e(name), *first, *(_pct(v) for v in values)] for name, values in series]
         if worst:
             rows.append(["<strong>worst case</strong>",
                          *(f"<strong>{cell}</strong>" for cell in [*first, *(_pct(v) for v in worst)])])
+        if worst_band:
+            rows.append(["worst case, 95% interval", *([MISSING] if first else []),
+                         *(_ci(b) for b in worst_band)])
         head = ["attack", *(["0 (clean)"] if clean is not None else []), *(_e(label) for label in labels)]
         parts.append(f'<figure class="chart">{chart}<figcaption>{_e(norm)}</figcaption></figure>\n'
                      f"{_table(head, rows)}")
@@ -324,13 +354,15 @@ def line_chart_svg(
     worst_case: Sequence[Any] | None,
     clean_accuracy: Any = None,
     labels: Sequence[str] | None = None,
+    worst_band: Sequence[Any] = (),
 ) -> str:
     """An inline SVG line chart of robust accuracy (y, in [0, 1]) against eps (x, a numeric axis from
     0, so that the spacing of the grid shows). With ``clean_accuracy`` every line starts there, at
     eps 0. The worst case is drawn first, wide, pale and dashed, so that the attack that sets it stays
     visible on top of it; each attack has its own colour, dash and hollow marker shape, so lines that
     coincide can still be told apart. A legend below the plot; ``labels`` name the eps in tooltips
-    (e.g. ``8/255``)."""
+    (e.g. ``8/255``). ``worst_band``: the worst case's 95% intervals (``{"lower", "upper", "n"}``
+    per eps), drawn as error bars."""
     width, left, right, top, plot_h, x_axis_h = 680, 56, 20, 34, 240, 44
     plot_w = width - left - right
     xs = [float(e) for e in eps]
@@ -392,6 +424,16 @@ def line_chart_svg(
                 for e in xs)
 
     plotted = []
+    for e, band in zip(xs, worst_band, strict=False):
+        if isinstance(band, Mapping) and all(_is_number(band.get(b)) for b in ("lower", "upper")):
+            tx, low, high = x_at(e), y_at(band["lower"]), y_at(band["upper"])
+            where = names.get(e, f"{e:g}")
+            tip = f"worst case at eps {where}: 95% interval {_ci(band)}, n={_num(band.get('n'))}"
+            plotted.append(
+                f'<g class="ci-bar" data-series="worst case interval"><title>{_e(tip)}</title>'
+                f'<line x1="{tx:.1f}" y1="{low:.1f}" x2="{tx:.1f}" y2="{high:.1f}"/>'
+                f'<line x1="{tx - 4:.1f}" y1="{low:.1f}" x2="{tx + 4:.1f}" y2="{low:.1f}"/>'
+                f'<line x1="{tx - 4:.1f}" y1="{high:.1f}" x2="{tx + 4:.1f}" y2="{high:.1f}"/></g>')
     for name, values, color, dash, stroke, shape in lines:
         points = [(0.0, float(start))] if start is not None else []
         points += [(e, float(v)) for e, v in zip(xs, values, strict=False)
@@ -593,7 +635,7 @@ def _minimal(minimal: Any) -> str:
     return _table(["attack", *(_e(k.replace("_", " ")) for k in keys)], rows)
 
 
-def _detector(detector: Any) -> str:
+def _detector(detector: Any, bands: Mapping[str, Any] | None = None) -> str:
     if not isinstance(detector, Mapping):
         return NOT_RUN
     rates = detector.get("detection_rate") or {}
@@ -603,11 +645,15 @@ def _detector(detector: Any) -> str:
         f"{_pct(detector.get('fpr'))}.</p>"
     )
     labels = list(rates) + [k for k in reject if k not in rates]
-    rows = [[_e(label), _pct(rates.get(label)), _pct(reject.get(label))] for label in labels]
-    return head + (_table(["eps", "detection rate", "detect-and-reject accuracy"], rows) if rows else "")
+    rate_bands = _bands(bands or {}, "detection_rate")
+    reject_bands = _bands(bands or {}, "detect_reject_accuracy")
+    rows = [[_e(label), _pct(rates.get(label)), _ci(rate_bands.get(label)), _pct(reject.get(label)),
+             _ci(reject_bands.get(label))] for label in labels]
+    head_row = ["eps", "detection rate", "95% interval", "detect-and-reject accuracy", "95% interval"]
+    return head + (_table(head_row, rows) if rows else "")
 
 
-def _transfer(transfer: Any) -> str:
+def _transfer(transfer: Any, bands: Mapping[str, Any] | None = None) -> str:
     if not transfer:
         return NOT_RUN
     rows = [
@@ -615,10 +661,11 @@ def _transfer(transfer: Any) -> str:
             _e(entry.get("surrogate", MISSING)),
             _e(entry.get("eps_label", MISSING)),
             _pct(entry.get("success_rate")),
+            _ci((bands or {}).get(entry.get("surrogate"))),
         ]
         for entry in transfer
     ]
-    return _table(["surrogate", "eps", "success rate"], rows, numeric_from=2)
+    return _table(["surrogate", "eps", "success rate", "95% interval"], rows, numeric_from=2)
 
 
 def _class_name(classes: Sequence[str], index: Any) -> str:
@@ -719,6 +766,8 @@ figure { margin: 0; }
 svg .grid { stroke: #e3e3e3; stroke-width: 1; }
 svg .axis { stroke: #555; stroke-width: 1; }
 svg .eps-mark { stroke: #999; stroke-width: 1; }
+svg .ci-bar line { stroke: #222; stroke-width: 1.2; }
+.ci { color: #555; font-size: 0.9em; }
 svg .tick { font-size: 11px; fill: #444; }
 svg .legend { font-size: 12px; fill: #222; }
 svg .axis-title { font-size: 12px; fill: #333; }
