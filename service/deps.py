@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from redis import Redis
 
 from models.datasets import DataCatalog
@@ -68,6 +68,11 @@ def get_team(request: Request, settings: SettingsDep) -> str:
 
 
 TeamDep = Annotated[str, Depends(get_team)]
+
+# Ids the gateway makes (uuid4 hex, "<audit id>c<chunk>" for an audit's chunks): ASCII letters and
+# digits. Anything else is refused before it reaches RQ, which raises on other characters.
+JOB_ID_PATTERN = r"^[A-Za-z0-9]{1,64}$"
+JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="a job id, as POST answered it")]
 
 
 def visible_card(index: CardIndex, ref: str, team: str) -> ModelCard:

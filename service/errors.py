@@ -9,12 +9,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.specs import ATTACK_NAMES
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
+# What a client is told to wait when a dependency is down: Redis restarts in seconds (AOF replay
+# of a large queue takes longer, and the client simply asks again).
+RETRY_AFTER_S = 5
 TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -25,6 +29,7 @@ TITLES = {
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
@@ -45,6 +50,13 @@ class Problem(Exception):
         self.code = code
         self.errors = errors
         self.headers = headers
+
+
+def unavailable(what: str, exc: Exception) -> Problem:
+    """A dependency (``what``) that does not answer: 503 with ``Retry-After``, which tells clients
+    and proxies that the same request may succeed later."""
+    return Problem(503, f"{what} is unavailable ({type(exc).__name__}); retry in {RETRY_AFTER_S} s",
+                   code="dependency-unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def invalid(field: str, detail: str, status: int = 422) -> Problem:
@@ -113,9 +125,23 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: ValidationError) -> JSONResponse:
         return problem_response(validation_problem(list(exc.errors())), request.url.path)
 
+    from service.openapi import allowed_methods  # imported here: service.openapi imports this module
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem_response(Problem(exc.status_code, str(exc.detail)), request.url.path)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not only those of one route
+            methods = allowed_methods(request.app, request.url.path)
+            headers["Allow"] = ", ".join(methods) if methods else headers.get("Allow", "")
+        return problem_response(Problem(exc.status_code, str(exc.detail), headers=headers), request.url.path)
+
+    # Any Redis failure (refused, reset, timed out, loading, out of memory, read-only) on any route
+    # that needs the queue. Handled here, inside the app, so the client gets an answer on an open
+    # connection rather than the server's bare 500 and a reset.
+    @app.exception_handler(RedisError)
+    async def _redis(request: Request, exc: RedisError) -> JSONResponse:
+        log.warning("Redis failed on %s: %s", request.url.path, exc)
+        return problem_response(unavailable("the job queue (Redis)", exc), request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

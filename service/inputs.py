@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib import format as npy_format
 from PIL import Image, UnidentifiedImageError
 
 from models.datasets import (
@@ -74,16 +75,37 @@ def array_to_nchw(field: str, array: np.ndarray, card: ModelCard) -> np.ndarray:
     raise invalid(field, f"expected dtype float32 or uint8, got {array.dtype}")
 
 
-def decode_npy(field: str, data: bytes, card: ModelCard) -> np.ndarray:
+NPY_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8))
+
+
+def decode_npy(field: str, data: bytes, card: ModelCard, limit: int) -> np.ndarray:
+    """A ``.npy`` file (never a pickle) of at most ``limit`` samples. The header is checked first
+    (dtype, rank, sample count, and a byte count that matches what was sent, computed on Python
+    integers) so that a header declaring 10^12 samples allocates nothing; the data is then read in
+    place."""
+    stream = io.BytesIO(data)
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
+        else:
+            shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         raise invalid(field, f"expected a .npy file (no pickles): {exc}") from None
-    if not isinstance(array, np.ndarray):
-        raise invalid(field, "expected a single .npy array, got an archive")
-    if array.shape and array.shape[0] == 0:
+    if dtype not in NPY_DTYPES:
+        raise invalid(field, f"expected dtype float32 or uint8, got {dtype}")
+    if len(shape) not in (3, 4) or any(d < 0 for d in shape):
+        raise invalid(field, f"expected an array of shape (N, C, H, W) or (N, H, W[, C]), got {shape}")
+    if shape[0] == 0:
         raise invalid(field, "expected at least one sample, got an empty array")
-    return array_to_nchw(field, array, card)
+    check_count(field, shape[0], limit)
+    expected = math.prod(shape) * dtype.itemsize
+    offset = stream.tell()
+    if len(data) - offset != expected:
+        raise invalid(field, f"expected {expected} bytes of data for shape {shape} and dtype {dtype}, "
+                             f"got {len(data) - offset}")
+    array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
+    return array_to_nchw(field, array.reshape(shape, order="F" if fortran_order else "C"), card)
 
 
 def decode_image(field: str, data: bytes, card: ModelCard) -> np.ndarray:
@@ -129,7 +151,7 @@ def check_count(field: str, n: int, limit: int) -> None:
 
 def decode_inline(inputs: ArrayInputs | ImageInputs, card: ModelCard, limit: int) -> Decoded:
     if isinstance(inputs, ArrayInputs):
-        x = decode_npy("inputs.array", b64decode("inputs.array", inputs.array), card)
+        x = decode_npy("inputs.array", b64decode("inputs.array", inputs.array), card, limit)
     else:
         check_count("inputs.images", len(inputs.images), limit)
         x = np.stack([
@@ -149,7 +171,7 @@ def decode_files(files: list[tuple[str, bytes]], labels: list[int] | None, card:
     if npys:
         if len(files) != 1:
             raise invalid("files", f"expected one .npy file alone, got {len(files)} files")
-        x = decode_npy(f"files[{npys[0][0]}]", npys[0][1], card)
+        x = decode_npy(f"files[{npys[0][0]}]", npys[0][1], card, limit)
     else:
         check_count("files", len(files), limit)
         x = np.stack([decode_image(f"files[{name}]", data, card) for name, data in files])

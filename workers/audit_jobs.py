@@ -33,6 +33,7 @@ from workers.audit.merge import Chunk, merge, nan_to_none, worst_case_rows
 from workers.audit.report import render_report, report_samples
 from workers.errors import JobFailure
 from workers.jobs import _check_cancel, _progress, context, entry, kernel_spec, load_inputs
+from workers.liveness import check_audit
 from workers.specs import (
     MINIMAL_ATTACKS,
     AuditChunkJob,
@@ -199,6 +200,7 @@ def run_audit_chunk(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
     started, started_at = time.perf_counter(), time.time()
+    _check_audit(job, spec.audit_id)
     ctx = context()
     card, model = ctx.cache.get(spec.model)
     surrogates = tuple(ctx.cache.get(ref)[1] for ref in spec.audit.surrogates)
@@ -222,6 +224,7 @@ def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
 
     def on_stage(what: str) -> None:
         _check_cancel(job)
+        _check_audit(job, spec.audit_id)
         done[0] += 1
         _progress(job, min(done[0] / total, 0.99), stage={"chunk": spec.index, "doing": what})
         log.info("%s: chunk %d: %s", spec.audit_id, spec.index, what)
@@ -234,6 +237,12 @@ def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
     ctx.store.put(f"audits/{spec.audit_id}/chunk-{spec.index}.npz", _save(result, list(result.minimal)))
     return {"audit": spec.audit_id, "chunk": spec.index, "n": int(x.shape[0]),
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _check_audit(job: Job | None, audit_id: str) -> None:
+    """Stop when another chunk of the audit failed for good: the audit is reported failed."""
+    if job is not None:
+        check_audit(job.connection, audit_id)
 
 
 # --- merge -----------------------------------------------------------------------------------
@@ -254,8 +263,10 @@ def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
         failed = [cid for cid, dep in zip(spec.chunk_ids, chunk_jobs, strict=True)
                   if dep is None or dep.get_status() != "finished"]
         if failed:
+            first = next(dep for cid, dep in zip(spec.chunk_ids, chunk_jobs, strict=True) if cid == failed[0])
+            cause = (first.meta.get("error") or {}).get("message", "no error recorded") if first else "expired"
             raise JobFailure(f"{len(failed)} of {len(spec.chunk_ids)} chunk jobs did not finish "
-                             f"(first: {failed[0]})", "chunk-failed")
+                             f"(first: {failed[0]}: {cause})", "chunk-failed")
     chunks = [_load(ctx.store.get(f"audits/{spec.audit_id}/chunk-{i}.npz")) for i in range(len(spec.chunk_ids))]
     bounded, minimal = stage_names(spec.audit, card.num_classes)
     found = ctx.cache.index.detector(card, spec.team)

@@ -25,4 +25,3 @@ class JobCanceled(JobFailure):
 
 CANCEL_KEY = "adversa:cancel:{}"
 ALIVE_KEY = "adversa:alive:{}"
-ALIVE_TTL_S = 15

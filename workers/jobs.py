@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from rq import get_current_job
 from rq.job import Job
 
+from history.recording import record_finished
 from models.datasets import DataCatalog, DataError, DatasetMissingError, to_bounds
 from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from models.registry import ModelLoadError
@@ -33,6 +34,7 @@ from workers.classifier import Classifier
 from workers.defenses.squeeze import squeeze_logits_and_scores
 from workers.device import pick_device
 from workers.errors import CANCEL_KEY, InvalidJob, JobCanceled, JobFailure
+from workers.liveness import Drained, check_draining, fail_audit
 from workers.scores import Evaluation, evaluate, outside_ball, quantize, quantize_in_ball, summarize
 from workers.settings import WorkerSettings
 from workers.specs import MINIMAL_ATTACKS, AdvGANParams, AttackJob, PredictJob
@@ -96,23 +98,38 @@ def entry(payload: dict[str, Any], schema: type[SpecT], body: Callable[[SpecT, J
           ) -> dict[str, Any]:
     """What every RQ entry point does around its work: validate the payload again (the queue is a
     trust boundary too), run ``body``, and store ``{code, message}`` in the job's meta on failure
-    before re-raising so that RQ records it."""
+    before re-raising so that RQ records it. A job canceled before it started (a retry, a chunk of
+    a canceled audit) stops at once; a drained one (``workers.liveness``) is requeued unrecorded;
+    a failed one is not retried (a retry is for a lost worker), and a failed audit chunk stops
+    the audit's other chunks."""
     job = get_current_job()
     try:
+        _check_cancel(job)
         try:
             spec = schema.model_validate(payload)
         except ValidationError as exc:
             raise InvalidJob(f"invalid job payload: {exc}") from exc
         try:
-            return body(spec, job)
+            result = body(spec, job)
         except UnknownModelError as exc:  # any model a job names that the registry does not hold
             raise JobFailure(str(exc), "unknown-model") from exc
+        record_finished(job, result)  # the job's end, in the history database
+        return result
+    except Drained:
+        raise
     except BaseException as exc:
         _fail_meta(job, exc)
+        if job is not None:
+            job.retries_left = 0
+            if not isinstance(exc, JobCanceled):  # a canceled audit cancels its chunks itself
+                fail_audit(job.connection, job, job.meta["error"], context().settings.result_ttl_s)
+        record_finished(job)
         raise
 
 
 def _check_cancel(job: Job | None) -> None:
+    """Between chunks: stop a canceled job, requeue a running one when the worker drains."""
+    check_draining()
     if job is not None and job.connection.exists(CANCEL_KEY.format(job.id)):
         raise JobCanceled("canceled by the client")
 

@@ -2,7 +2,8 @@
 
 RQ's default worker forks per job; CUDA does not survive a fork and reloading weights per job
 wastes seconds, so Adversa runs ``SimpleWorker`` (the job runs in the worker process itself) with
-an LRU of loaded models. ``SimpleWorker`` sends no heartbeat during a job, so every job carries a
+an LRU of loaded models. ``SimpleWorker`` sends no heartbeat during a job, so ours beats from a
+thread (``workers.liveness``): a killed worker's job is run again, and every job still carries a
 ``job_timeout``.
 """
 
@@ -12,16 +13,15 @@ import ctypes
 import logging
 import signal
 import sys
-import threading
 
 from redis import Redis
-from redis.exceptions import RedisError
-from rq import Queue, SimpleWorker
+from rq import Queue
 from rq.serializers import JSONSerializer
 
 from workers.device import configure_numerics
-from workers.errors import ALIVE_KEY, ALIVE_TTL_S
+from workers.errors import ALIVE_KEY
 from workers.jobs import install_context, make_context
+from workers.liveness import HeartbeatWorker, wait_for_name
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -47,24 +47,12 @@ def run_worker(settings: WorkerSettings, *, burst: bool = False, name: str | Non
     connection = Redis.from_url(settings.redis_url)
     queues = [Queue(settings.queue_name(q), connection=connection, serializer=JSONSerializer)
               for q in settings.queues]
-    worker = SimpleWorker(queues, connection=connection, serializer=JSONSerializer, name=name)
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(connection, worker.name, stop), daemon=True)
-    beat.start()
+    if name is not None:
+        wait_for_name(connection, name, settings.heartbeat_ttl_s)
+    worker = HeartbeatWorker(queues, connection=connection, serializer=JSONSerializer, name=name,
+                             heartbeat_ttl=settings.heartbeat_ttl_s, retries=settings.job_retries,
+                             result_ttl=settings.result_ttl_s)
     try:
         return bool(worker.work(burst=burst, with_scheduler=False))
     finally:
-        stop.set()
         connection.delete(ALIVE_KEY.format(worker.name))
-
-
-def _heartbeat(connection: Redis, name: str, stop: threading.Event) -> None:
-    """Refresh this worker's liveness key while it runs, jobs included: SimpleWorker itself sends
-    no heartbeat during a job, so without this a killed worker's job would look running until its
-    timeout. The gateway reports such a job as failed once the key expires."""
-    while not stop.is_set():
-        try:
-            connection.set(ALIVE_KEY.format(name), 1, ex=ALIVE_TTL_S)
-        except RedisError as exc:
-            log.warning("heartbeat failed: %s", exc)
-        stop.wait(ALIVE_TTL_S / 3)

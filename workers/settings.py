@@ -31,6 +31,18 @@ class CommonSettings(BaseSettings):
     max_model_bytes_per_team: int = Field(default=8 * 1024**3, ge=0,
                                           description="bytes of model files a team may hold")
     registration_timeout_s: int = Field(default=1800, ge=60)
+    job_retries: int = Field(default=2, ge=0, description="times a job whose worker died (killed, machine "
+                             "gone) is run again before it fails with `worker-lost`")
+    heartbeat_ttl_s: int = Field(default=15, ge=4, description="a worker whose last heartbeat is older is "
+                                 "dead: its job is run again, its name is free, /readyz stops counting it")
+    drain_timeout_s: int = Field(default=300, ge=1, description="how long `serve` waits on SIGTERM for its "
+                                 "workers to finish or requeue their job before killing them")
+    history_url: str | None = Field(default=None, description="the history database (SQLAlchemy URL, "
+                                    "sqlite:/// or postgresql://); default: SQLite in the var dir")
+
+    @property
+    def history_database_url(self) -> str:
+        return self.history_url or f"sqlite:///{(self.var_dir / 'history.db').resolve()}"
 
     @property
     def blob_root(self) -> Path:

@@ -3,12 +3,14 @@ plus a merge job that depends on all of them. The audit's id is the merge job's 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import secrets
 import uuid
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
+from redis.exceptions import RedisError
 from rq.job import Dependency, Job
 
 from models.manifest import CardIndex, ModelCard
@@ -233,10 +235,13 @@ async def create_audit(body: AuditRequest, request: Request, response: Response,
                 meta={**meta_base, "kind": "audit", "chunks": chunk_ids, "suite": audit.suite},
                 depends_on=Dependency(jobs=chunk_ids, allow_failure=True))
         except BaseException:
-            for chunk_id in chunk_ids:
-                job = queues.fetch(chunk_id)
-                if job is not None:
-                    queues.cancel(job)
+            with contextlib.suppress(RedisError):  # Redis down: the chunks went nowhere
+                for chunk_id in chunk_ids:
+                    job = queues.fetch(chunk_id)
+                    if job is not None:
+                        queues.cancel(job)
+            if decoded is not None:  # no job will read them: nothing half-stored
+                store.delete(f"inputs/{audit_id}.npz")
             raise
 
     return accept(request, response, queues, team, "audit", audit_id, digest, enqueue)

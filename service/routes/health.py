@@ -9,6 +9,8 @@ from redis.exceptions import RedisError
 from service.deps import QueueDep
 from service.errors import Problem
 from service.metrics import QUEUE_DEPTH
+from service.queueing import QUEUE_NAMES
+from workers.liveness import live_workers
 
 router = APIRouter(tags=["health"])
 
@@ -21,15 +23,17 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(queues: QueueDep) -> dict[str, object]:
-    """Redis reachable and at least one worker alive."""
+    """Redis reachable and at least one worker alive: its heartbeat at most ``heartbeat_ttl_s`` old
+    (RQ's registration of a killed worker outlives it)."""
+    names = {queues.settings.queue_name(q) for q in QUEUE_NAMES}
     try:
         queues.redis.ping()
-        workers = queues.workers_alive()
+        workers = live_workers(queues.redis, names, queues.settings.heartbeat_ttl_s)
     except RedisError as exc:
         raise Problem(503, f"Redis is not reachable: {exc}", code="not-ready") from None
-    if workers == 0:
+    if not workers:
         raise Problem(503, "no worker is alive; start one with `adversa worker`", code="not-ready")
-    return {"status": "ready", "workers": workers}
+    return {"status": "ready", "workers": len(workers), "worker_names": workers}
 
 
 @router.get("/metrics")

@@ -6,9 +6,10 @@ from fastapi import APIRouter, Response
 from rq.job import Job
 
 from models.store import BlobNotFoundError
-from service.deps import QueueDep, StoreDep, TeamDep
+from service.deps import JobIdPath, QueueDep, StoreDep, TeamDep
 from service.errors import Problem
 from service.queueing import Queues, view
+from service.routes.history import HistoryDep, recorded_view
 from workers.specs import JobState, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -31,17 +32,18 @@ def _owned(queues: Queues, job_id: str, team: str) -> Job:
 
 
 @router.get("/{job_id}", response_model=JobView)
-def get_job(job_id: str, queues: QueueDep, team: TeamDep) -> JobView:
-    """Status, progress, and the result summary or error."""
-    return view(_owned(queues, job_id, team))
+def get_job(job_id: JobIdPath, queues: QueueDep, history: HistoryDep, team: TeamDep) -> JobView:
+    """Status, progress, and the result summary or error (from the history database once Redis
+    no longer holds the job)."""
+    return recorded_view(queues, history, job_id, team) or view(_owned(queues, job_id, team))
 
 
 @router.get("/{job_id}/artifacts/{name}", response_class=Response,
             responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
-def get_artifact(job_id: str, name: str, queues: QueueDep, store: StoreDep,
+def get_artifact(job_id: JobIdPath, name: str, queues: QueueDep, store: StoreDep, history: HistoryDep,
                  team: TeamDep) -> Response:
     """One artifact of a succeeded job (``adversarial.npy``, ``grid.png``, ``samples.csv``)."""
-    job_view = view(_owned(queues, job_id, team))
+    job_view = recorded_view(queues, history, job_id, team) or view(_owned(queues, job_id, team))
     available = (job_view.result or {}).get("artifacts", [])
     if job_view.status != JobState.succeeded:
         raise Problem(409, f"job is {job_view.status.value}; artifacts exist once it succeeded",
@@ -59,7 +61,7 @@ def get_artifact(job_id: str, name: str, queues: QueueDep, store: StoreDep,
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobView)
-def cancel_job(job_id: str, queues: QueueDep, team: TeamDep) -> JobView:
+def cancel_job(job_id: JobIdPath, queues: QueueDep, team: TeamDep) -> JobView:
     """Cancel: a queued job never runs; a running one stops at its next chunk."""
     job = _owned(queues, job_id, team)
     state = view(job).status
