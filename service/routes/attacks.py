@@ -29,6 +29,7 @@ from service.deps import (
     visible_generator,
 )
 from service.errors import Problem, invalid, validation_problem
+from service.forms import load_json
 from service.routes.accept import accept, request_digest
 from service.settings import Settings
 from workers.specs import (
@@ -51,8 +52,29 @@ from workers.specs import (
 
 router = APIRouter(prefix="/v1/attacks", tags=["attacks"])
 
-REQUEST_SCHEMA = AttackRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-SCHEMA_DEFS = REQUEST_SCHEMA.pop("$defs", {})
+_SCHEMA = AttackRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+_DEFS = _SCHEMA.pop("$defs", {})
+_SPEC_PROPERTIES = {name: value for name, value in _SCHEMA["properties"].items() if name != "inputs"}
+# The schemas that OPENAPI_BODY refers to, published under components/schemas by the app: the JSON
+# body must carry inputs (a data-set slice, an array or images); a multipart `spec` must not.
+OPENAPI_SCHEMAS: dict[str, Any] = {
+    **_DEFS,
+    "AttackRequest": {
+        **_SCHEMA,
+        "description": "`POST /v1/attacks` as JSON: the model, the attack and the inputs",
+        "properties": {**_SCHEMA["properties"], "inputs": {
+            **_SCHEMA["properties"]["inputs"]["anyOf"][0],
+            "description": "a hosted or uploaded data-set slice, an inline array or inline images"}},
+        "required": [*_SCHEMA["required"], "inputs"],
+    },
+    "AttackSpec": {
+        **_SCHEMA,
+        "title": "AttackSpec",
+        "description": "the `spec` field of a multipart `POST /v1/attacks`: the JSON body without `inputs` "
+                       "(the inputs are the uploaded `files`)",
+        "properties": _SPEC_PROPERTIES,
+    },
+}
 OPENAPI_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -63,15 +85,20 @@ OPENAPI_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["spec", "files"],
                     "properties": {
-                        "spec": {"type": "string",
-                                 "description": "AttackRequest as JSON, without `inputs`"},
-                        "files": {"type": "array",
+                        "spec": {"$ref": "#/components/schemas/AttackSpec"},
+                        "files": {"type": "array", "minItems": 1,
                                   "items": {"type": "string", "format": "binary"},
-                                  "description": "one .npy array, or PNG/JPEG images"},
-                        "labels": {"type": "string",
-                                   "description": "JSON list of labels, one per input"},
+                                  "description": "one .npy array (float32 NCHW in [0, 1], or uint8 NHWC/NHW), "
+                                                 "or PNG/JPEG images, one part each"},
+                        "labels": {"type": "string", "contentMediaType": "application/json",
+                                   "contentSchema": {"type": "array",
+                                                     "items": {"type": "integer", "minimum": 0}},
+                                   "examples": ["[9, 2]"],
+                                   "description": "JSON list of labels, one per input; without it the "
+                                                  "model's clean predictions are the labels"},
                     },
-                }
+                },
+                "encoding": {"spec": {"contentType": "application/json"}},
             },
         },
     }
@@ -188,16 +215,10 @@ async def _parse(request: Request) -> tuple[AttackRequest, list[tuple[str, bytes
         if not isinstance(spec_text, str):
             raise invalid("spec", "expected a form field 'spec' with the attack request as JSON",
                           status=400)
-        try:
-            spec_json = json.loads(spec_text)
-        except json.JSONDecodeError as exc:
-            raise invalid("spec", f"expected JSON: {exc}", status=400) from None
+        spec_json = load_json("spec", spec_text)
         labels = None
         if isinstance(form.get("labels"), str):
-            try:
-                labels = json.loads(str(form.get("labels")))
-            except json.JSONDecodeError:
-                raise invalid("labels", "expected a JSON list of integers", status=400) from None
+            labels = load_json("labels", str(form.get("labels")), "a JSON list of integers")
             if not isinstance(labels, list) or not all(
                 isinstance(v, int) and not isinstance(v, bool) for v in labels
             ):
@@ -279,9 +300,14 @@ async def create_attack(request: Request, response: Response, settings: Settings
             arrays = {"x": decoded.x} if decoded.y is None else {"x": decoded.x, "y": decoded.y}
             np.savez(buffer, **arrays)  # type: ignore[arg-type]
             store.put(ref.key, buffer.getvalue())
-        return queues.enqueue(
-            "attacks", "workers.jobs.run_attack", job.model_dump(mode="json"), job_id=job_id,
-            meta={"kind": "attack", "team": team, "model": card.ref, "progress": 0.0},
-        )
+        try:
+            return queues.enqueue(
+                "attacks", "workers.jobs.run_attack", job.model_dump(mode="json"), job_id=job_id,
+                meta={"kind": "attack", "team": team, "model": card.ref, "progress": 0.0},
+            )
+        except BaseException:  # no job will read them (Redis down): nothing half-stored
+            if ref.key is not None:
+                store.delete(ref.key)
+            raise
 
     return accept(request, response, queues, team, "attack", job_id, digest, enqueue)

@@ -34,6 +34,9 @@ from service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
+# The schema that OPENAPI_BODY refers to, published under components/schemas by the app.
+OPENAPI_SCHEMAS: dict[str, Any] = {"DatasetUploadSpec": DatasetUploadSpec.model_json_schema(
+    ref_template="#/components/schemas/{model}")}
 OPENAPI_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -43,13 +46,14 @@ OPENAPI_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["spec", "data"],
                     "properties": {
-                        "spec": {"type": "string", "description": "JSON: name, optional classes, "
-                                 "description, split (default 'all') and layout (.npz: NCHW or NHWC)"},
+                        "spec": {"$ref": "#/components/schemas/DatasetUploadSpec"},
                         "data": {"type": "string", "format": "binary", "description":
                                  ".npz with x (uint8 NCHW/NHWC/NHW, or float32 in [0, 1]) and y (integer "
                                  "labels), or a .zip/.tar/.tar.gz of <class>/<image>.png|jpg"},
                     },
-                }
+                    "additionalProperties": False,
+                },
+                "encoding": {"spec": {"contentType": "application/json"}},
             }
         },
     }

@@ -35,6 +35,9 @@ PICKLE_ADVICE = ("Pickled PyTorch files can run arbitrary code when loaded, so t
                  "Upload the weights as .safetensors (safetensors.torch.save_file(model.state_dict(), "
                  "'weights.safetensors')) with a catalog `architecture` in the card, or the model as "
                  ".onnx (torch.onnx.export).")
+_CARD_SCHEMA = ModelUpload.model_json_schema(ref_template="#/components/schemas/{model}")
+# The schemas that UPLOAD_BODY refers to, published under components/schemas by the app.
+OPENAPI_SCHEMAS: dict[str, Any] = {**_CARD_SCHEMA.pop("$defs", {}), "ModelUpload": _CARD_SCHEMA}
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -43,15 +46,18 @@ UPLOAD_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["card"],
+                    "oneOf": [{"required": ["model"]}, {"required": ["weights"]}],
                     "properties": {
-                        "card": {"type": "string", "description": "ModelUpload as JSON: name, "
-                                 "input_shape, classes, bounds, normalization, architecture (safetensors "
-                                 "only), description"},
-                        "model": {"type": "string", "format": "binary", "description": "an .onnx graph"},
+                        "card": {"$ref": "#/components/schemas/ModelUpload"},
+                        "model": {"type": "string", "format": "binary",
+                                  "description": "an .onnx graph (or send `weights`)"},
                         "weights": {"type": "string", "format": "binary",
-                                    "description": ".safetensors weights of the card's catalog architecture"},
+                                    "description": ".safetensors weights of the card's catalog `architecture` "
+                                                   "(or send `model`)"},
                     },
-                }
+                    "additionalProperties": False,
+                },
+                "encoding": {"card": {"contentType": "application/json"}},
             }
         },
     }

@@ -56,6 +56,15 @@ def assert_problem(response: Any, status: int, field: str | None = None) -> dict
     return body  # type: ignore[no-any-return]
 
 
+def assert_oip_error(response: Any, status: int, mentions: str) -> str:
+    """The Open Inference Protocol's error: ``{"error": "..."}`` as JSON, naming ``mentions``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"} and mentions in body["error"], body
+    return str(body["error"])
+
+
 def test_health_and_readiness_without_worker(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     body = assert_problem(client.get("/readyz"), 503)
@@ -254,23 +263,50 @@ def test_infer_validation(client: TestClient, redis: Redis) -> None:
     tensor = {"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}
     response = client.post("/v2/models/fmnist-resnet18/infer",
                            json={"inputs": [tensor], "parameters": {"reject": True}})
-    body = assert_problem(response, 409, "parameters.reject")
-    assert "calibrate" in body["detail"]
+    assert "calibrate" in assert_oip_error(response, 409, "parameters.reject")
     bad_shape = {**tensor, "shape": [1, 1, 27, 28]}
-    assert_problem(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": [bad_shape]}), 422,
-                   "inputs[0].data")
+    assert_oip_error(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": [bad_shape]}), 422,
+                     "inputs[0].data")
     wrong = {**tensor, "shape": [1, 1, 14, 56], "data": [0.0] * 784}
-    assert_problem(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": [wrong]}), 422,
-                   "inputs[0]")
+    assert_oip_error(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": [wrong]}), 422,
+                     "inputs[0]")
     out_of_range = {**tensor, "data": [3.0] * 784}
-    assert_problem(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": [out_of_range]}),
-                   422, "inputs[0]")
+    assert_oip_error(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": [out_of_range]}),
+                     422, "inputs[0]")
     uint8 = {**tensor, "datatype": "UINT8", "shape": [1, 28, 28, 1], "data": [300] * 784}
-    assert_problem(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": [uint8]}), 422,
-                   "inputs[0].data")
-    assert_problem(client.post("/v2/models/nope/infer", json={"inputs": [tensor]}), 404, "model")
-    assert_problem(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": []}), 422, "inputs")
+    assert_oip_error(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": [uint8]}), 422,
+                     "inputs[0].data")
+    assert_oip_error(client.post("/v2/models/nope/infer", json={"inputs": [tensor]}), 404, "model")
+    assert_oip_error(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": []}), 422, "inputs")
+    assert_oip_error(client.post("/v2/models/fmnist-cnn/infer", json={"inputs": [tensor], "extra": 1}),
+                     422, "extra")
+    assert_oip_error(client.post("/v2/models/fmnist-cnn/infer", json={
+        "inputs": [tensor], "model_name": "fmnist-resnet18"}), 422, "model_name")
+    # the binary tensor extension: the byte counts must add up
+    def binary(size: int, sent: int) -> Any:
+        header = ('{"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", '
+                  f'"parameters": {{"binary_data_size": {size}}}}}]}}').encode()
+        return client.post("/v2/models/fmnist-cnn/infer", content=header + bytes(sent),
+                           headers={"Inference-Header-Content-Length": str(len(header))})
+
+    assert_oip_error(binary(3136, 100), 400, "expected 3136 bytes of binary tensors")
+    assert_oip_error(binary(3132, 3132), 422, "expected 3136 bytes for FP32 of shape")
+    header = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0]}]}'
+    assert_oip_error(client.post("/v2/models/fmnist-cnn/infer", content=header, headers={
+        "Inference-Header-Content-Length": "99999"}), 400, "Inference-Header-Content-Length")
     assert Queue("predict", connection=redis, serializer=JSONSerializer).count == 0
+
+
+def test_infer_without_worker_answers_504_and_leaves_nothing_queued(client: TestClient, redis: Redis,
+                                                                   settings: Settings) -> None:
+    tensor = {"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP64", "data": [0.5] * 784}
+    response = client.post("/v2/models/fmnist-cnn/infer", json={"inputs": [tensor]})
+    assert_oip_error(response, 504, f"{settings.predict_timeout_s}s")
+    queue = Queue("predict", connection=redis, serializer=JSONSerializer)
+    assert queue.count == 0 and len(queue.canceled_job_registry) == 1
+    assert_oip_error(client.get("/v2/health/ready"), 503, "worker")
+    assert_oip_error(client.get("/v2/models/fmnist-cnn/ready"), 503, "worker")
+    assert client.get("/v2/health/live").json() == {"live": True}
 
 
 def test_idempotency_key(client: TestClient, redis: Redis) -> None:
