@@ -7,6 +7,7 @@ COPY pyproject.toml README.md ./
 COPY service service
 COPY workers workers
 COPY models models
+COPY history history
 RUN pip install --no-cache-dir .
 ENV ADVERSA_VAR_DIR=/var/lib/adversa
 EXPOSE 8000

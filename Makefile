@@ -7,19 +7,19 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: run test lint unit models reproduce bench data browser install clean
+.PHONY: run test lint unit models reproduce bench data browser postgres redis-server install clean
 
 run: install data
 	$(BIN)/adversa serve
 
-test: install data browser
-	$(BIN)/ruff check service workers models tests bench
+test: install data browser postgres redis-server
+	$(BIN)/ruff check service workers models history tests bench
 	$(BIN)/mypy
 	$(BIN)/python -c "import sys, service.app, service.cli; assert 'torch' not in sys.modules, 'gateway imported torch'"
 	bash tests/run.sh
 
 lint: install
-	$(BIN)/ruff check service workers models tests bench
+	$(BIN)/ruff check service workers models history tests bench
 	$(BIN)/mypy
 
 # The hosted defended models are made by the defense jobs' own code from the retrained fmnist-cnn
@@ -29,6 +29,7 @@ models: install data
 	rm -rf models/hosted/fmnist-cnn-fgsm-at models/hosted/fmnist-cnn-pgd-at \
 		models/hosted/fmnist-cnn-distilled models/hosted/fmnist-cnn/1/detector.json
 	$(BIN)/python -m workers.hosted
+	$(BIN)/python -m workers.audit.card_eval --in-place  # the cards' robustness: APGD-CE then APGD-T
 
 # The defense papers' results on Fashion-MNIST (docs/results/).
 reproduce: install data
@@ -62,7 +63,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,clients]'
 	@touch $@
 
 $(BENCH_STAMP): $(STAMP)
@@ -82,6 +83,17 @@ data:
 		$(BIN)/python -c "from torchvision.datasets import FashionMNIST as F; F('var/data', train=True, download=True); F('var/data', train=False, download=True)"; \
 	fi
 
+# redis-server for tests/run.sh and the fault tests (tests/integration/test_faults.py restart and
+# kill their own): Debian's package where apt works and we are root.
+redis-server:
+	@if command -v redis-server >/dev/null; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing redis-server with apt"; \
+		(apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null; \
+	else \
+		echo "note: no redis-server (needs root and apt-get: make redis-server); the fault tests will fail"; \
+	fi
+
 # Headless Chromium and its driver for the report page's browser test: Debian's packages where apt
 # works and we are root; elsewhere that test skips and says how to get them.
 browser:
@@ -92,6 +104,20 @@ browser:
 			|| echo "note: apt could not install chromium; the browser test will skip"; \
 	else \
 		echo "note: no chromium (needs root and apt-get: make browser); the browser test will skip"; \
+	fi
+
+# PostgreSQL on 127.0.0.1:5432 for the history tests (they run on SQLite and PostgreSQL): the one
+# answering there, else Debian's postgresql installed with apt and started (password 'postgres').
+postgres:
+	@if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing and starting postgresql with apt"; \
+		( (apt-get install -y -q postgresql || (apt-get update -q && apt-get install -y -q postgresql)) >/dev/null \
+		  && service postgresql start >/dev/null \
+		  && su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" ) \
+			|| echo "note: could not start postgresql; the PostgreSQL history tests will skip"; \
+	else \
+		echo "note: no PostgreSQL on 127.0.0.1:5432 (needs root and apt-get: make postgres); its tests will skip"; \
 	fi
 
 clean:

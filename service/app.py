@@ -14,14 +14,29 @@ from fastapi import FastAPI
 from redis import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from history.store import HistoryStore
 from models.datasets import DataCatalog
 from models.manifest import CardIndex, GeneratorIndex
 from models.store import FileStore
-from service import errors
+from service import docs_ui, errors
 from service.errors import Problem, problem_response
+from service.forms import JsonDepthLimit
 from service.metrics import instrument
+from service.openapi import document_problems
 from service.queueing import Queues
-from service.routes import attacks, audits, datasets, defenses, generators, health, infer, jobs, models
+from service.routes import (
+    attacks,
+    audits,
+    datasets,
+    defenses,
+    generators,
+    health,
+    history,
+    infer,
+    jobs,
+    models,
+    oip,
+)
 from service.settings import Settings
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -79,34 +94,44 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         app.state.redis.close()
+        app.state.history.close()
 
     app = FastAPI(
         title="Adversa",
         version="1.0.0",
         summary="Adversarial-robustness service: attack, defend and audit image classifiers",
         lifespan=lifespan,
+        docs_url=None,  # served by docs_ui from packaged assets, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.redis = redis or Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
-    app.state.queues = Queues(app.state.redis, settings)
+    app.state.history = HistoryStore(settings.history_database_url)  # migrated on first use
+    app.state.queues = Queues(app.state.redis, settings, app.state.history)
     app.state.index = CardIndex.default([settings.models_root])
     app.state.generators = GeneratorIndex([settings.generators_root])
     app.state.store = FileStore(settings.blob_root)
     app.state.data = DataCatalog(settings.data_dir, settings.datasets_root, app.state.store)
     errors.install(app)
     app.middleware("http")(instrument)
-    for module in (health, models, datasets, infer, generators, attacks, defenses, audits, jobs):
+    for module in (health, oip, models, datasets, infer, generators, attacks, defenses, audits, jobs, history):
         app.include_router(module.router)
+    docs_ui.install(app)
+    app.add_middleware(JsonDepthLimit)  # inside BodyLimit: it reads bodies already bounded
     # multipart framing and the card travel beside the file: 1 MiB of slack
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
                        uploads={"/v1/models": settings.max_model_bytes + 2**20,
                                 "/v1/datasets": settings.max_dataset_bytes + 2**20})
-    _document_attack_schemas(app)
+    app.add_middleware(oip.BinaryBodies)  # outside JsonDepthLimit: raw tensors are not JSON
+    app.add_middleware(oip.OIPErrors)  # outermost: /v2 errors in the protocol's shape, whoever raised them
+    _document_hand_read_bodies(app)
+    document_problems(app)  # after every route and schema: it lists what each can answer
     return app
 
 
-def _document_attack_schemas(app: FastAPI) -> None:
-    """The attack endpoint reads its body by hand (JSON or multipart); publish its schema."""
+def _document_hand_read_bodies(app: FastAPI) -> None:
+    """The attack route (JSON or multipart) and the model and data-set uploads (multipart) read
+    their bodies by hand; publish the schemas that their ``openapi_extra`` bodies refer to."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -114,9 +139,9 @@ def _document_attack_schemas(app: FastAPI) -> None:
             return app.openapi_schema
         schema = original()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components["AttackRequest"] = dict(attacks.REQUEST_SCHEMA)
-        for name, definition in attacks.SCHEMA_DEFS.items():
-            components.setdefault(name, definition)
+        for module in (attacks, models, datasets):
+            for name, definition in module.OPENAPI_SCHEMAS.items():
+                components.setdefault(name, definition)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

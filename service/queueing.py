@@ -16,6 +16,8 @@ from rq.job import Dependency, Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
+from history.recording import record_canceled, record_queued
+from history.store import HistoryStore
 from workers.errors import ALIVE_KEY, CANCEL_KEY
 from workers.settings import CommonSettings
 from workers.specs import JobError, JobState, JobView
@@ -28,6 +30,7 @@ QUEUE_NAMES = ("predict", "attacks", "defenses", "audits")
 class Queues:
     redis: Redis
     settings: CommonSettings
+    history: HistoryStore | None = None
 
     def queue(self, name: str) -> Queue:
         return Queue(self.settings.queue_name(name), connection=self.redis,
@@ -36,12 +39,15 @@ class Queues:
     def enqueue(self, queue: str, func: str, payload: dict[str, Any], *, job_id: str,
                 meta: dict[str, Any], timeout: int | None = None, result_ttl: int | None = None,
                 depends_on: Dependency | None = None) -> Job:
-        return self.queue(queue).enqueue_call(
+        job = self.queue(queue).enqueue_call(
             func, args=(payload,), job_id=job_id, meta=meta,
             timeout=timeout or self.settings.job_timeout_s,
             result_ttl=result_ttl or self.settings.result_ttl_s,
             failure_ttl=self.settings.result_ttl_s, depends_on=depends_on,
         )
+        if self.history is not None:
+            record_queued(self.history, job)
+        return job
 
     def fetch(self, job_id: str) -> Job | None:
         try:
@@ -69,6 +75,8 @@ class Queues:
         if job.get_status() in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
             with contextlib.suppress(InvalidJobOperation):  # raced to a start: the flag stops it
                 job.cancel()
+                if self.history is not None:  # it never runs, so no worker records its end
+                    record_canceled(self.history, job)
 
     def reserve_idempotency(self, team: str, key: str, job_id: str, body: bytes) -> str | None:
         """Claim ``key`` for ``job_id``. Returns None when claimed, else the stored
@@ -95,7 +103,9 @@ def state_of(job: Job) -> JobState:
     status = job.get_status(refresh=False)
     error = job.meta.get("error") or {}
     if status == JobStatus.STARTED and worker_lost(job):
-        return JobState.failed
+        # A live worker's registry cleanup runs it again while retries last (workers/liveness.py);
+        # until then it waits like any queued job. With none left it has failed for good.
+        return JobState.queued if (job.retries_left or 0) > 0 else JobState.failed
     if status in (JobStatus.CANCELED, JobStatus.STOPPED) or error.get("code") == "canceled":
         return JobState.canceled
     if status == JobStatus.FINISHED:

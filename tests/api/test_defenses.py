@@ -15,7 +15,7 @@ from models.architectures import build
 from models.manifest import CardIndex, Composition, DetectorCard, Lineage
 from models.registry import publish, sha256_hex, weights_bytes, write_model
 from service.settings import Settings
-from tests.api.test_api import assert_problem
+from tests.api.test_api import assert_oip_error, assert_problem
 
 FGSM_AT = {"name": "fgsm-adversarial-training", "eps": 0.1, "epochs": 1, "limit": 500}
 
@@ -184,9 +184,9 @@ def test_defense_idempotency_key(client: TestClient, redis: Redis) -> None:
 
 def test_reject_needs_a_detector(client: TestClient, redis: Redis, settings: Settings) -> None:
     tensor = {"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}
-    body = assert_problem(client.post("/v2/models/fmnist-resnet18/infer", json={
+    error = assert_oip_error(client.post("/v2/models/fmnist-resnet18/infer", json={
         "inputs": [tensor], "parameters": {"reject": True}}), 409, "parameters.reject")
-    assert "/v1/defenses" in body["detail"] and "feature-squeezing" in body["detail"]
+    assert "/v1/defenses" in error and "feature-squeezing" in error
     assert Queue("predict", connection=redis, serializer=JSONSerializer).count == 0
     # A team's own calibration makes the model usable in reject mode (the job would wait for a
     # worker: with none running the gateway answers 504 after its timeout, not 409).
