@@ -1,27 +1,18 @@
-"""Job failures with a code, stored in the job's meta so that clients see ``{code, message}``."""
+"""Job failures with a code and the Redis keys of cancel and liveness: they live in
+``contracts.errors``; re-exported here for the workers' imports."""
 
-from __future__ import annotations
+from contracts.errors import (  # noqa: F401 - re-exported
+    ALIVE_KEY,
+    CANCEL_KEY,
+    InvalidJob,
+    JobCanceled,
+    JobFailure,
+)
 
-
-class JobFailure(Exception):
-    """A job that cannot complete; ``code`` is a stable kebab-case id."""
-
-    code = "job-failed"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-
-
-class InvalidJob(JobFailure):
-    code = "invalid-job"
-
-
-class JobCanceled(JobFailure):
-    code = "canceled"
-
-
-CANCEL_KEY = "adversa:cancel:{}"
-ALIVE_KEY = "adversa:alive:{}"
+__all__ = [
+    "JobFailure",
+    "InvalidJob",
+    "JobCanceled",
+    "CANCEL_KEY",
+    "ALIVE_KEY",
+]

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from contracts.gate import eps_key, evaluate_gate, parse_gate
 from models.architectures import Normalize
 from workers.artifacts import grid_png
 from workers.attacks import jsma as jsma_module
@@ -32,6 +33,7 @@ from workers.attacks.base import AttackOutput, Norm, flat_norm
 from workers.attacks.catalog import KERNELS
 from workers.attacks.cw import CarliniWagnerL2Spec, carlini_wagner_l2
 from workers.attacks.deepfool import DeepFoolSpec, deepfool
+from workers.attacks.fab import FABSpec, fab_t
 from workers.attacks.fgsm import FGSMSpec, fgsm
 from workers.attacks.hop_skip_jump import HopSkipJumpSpec, hop_skip_jump
 from workers.attacks.jsma import JSMASpec, jsma
@@ -39,7 +41,6 @@ from workers.attacks.mifgsm import MIFGSMSpec, mi_fgsm
 from workers.attacks.pgd import PGDSpec, pgd
 from workers.attacks.square import SquareSpec, square
 from workers.audit.battery import AuditPlan, Detector, Stage, run_battery
-from workers.audit.gate import eps_key, evaluate_gate, parse_gate
 from workers.audit.merge import merge, nan_to_none, worst_case_rows
 from workers.audit.report import ReportSamples, png_data_uri, render_report, report_samples
 from workers.audit_jobs import build_plan, stage_names
@@ -141,6 +142,8 @@ def cases(setup: Setup) -> list[Case]:
         ("apgd-dlr-linf-targeted", apgd, APGDSpec(eps=0.03 * r, steps=4, loss="dlr", targeted=True), "linf"),
         ("apgd-t-linf", apgd_t, APGDSpec(eps=0.03 * r, steps=4, n_target_classes=9), "linf"),
         ("apgd-t-l2-targeted", apgd_t, APGDSpec(eps=0.5 * r, norm="l2", steps=4, targeted=True), "l2"),
+        ("fab-t-linf", fab_t, FABSpec(eps=0.05 * r, steps=4, n_target_classes=9), "linf"),
+        ("fab-t-l2-targeted", fab_t, FABSpec(eps=0.5 * r, norm="l2", steps=4, targeted=True), "l2"),
         ("deepfool-l2", deepfool, DeepFoolSpec(norm="l2", candidates=10, max_iter=10), None),
         ("deepfool-linf-all", deepfool, DeepFoolSpec(norm="linf", candidates=100, refine_candidates=None,
                                                      max_iter=10), None),
@@ -359,7 +362,7 @@ def audit_spec(suite: str, setup: Setup) -> AuditSpec:
     })
 
 
-SUITES = ["quick", "standard", "minimal", "custom"]
+SUITES = ["quick", "standard", "autoattack", "minimal", "custom"]
 AUDITED = ["rgb24x40-3cls", "gray20-2cls", "rgb16-12cls-255"]
 
 
@@ -385,7 +388,7 @@ def test_audit_suite_merge_and_report(name: str, suite: str) -> None:
     chunks = [run_battery(model, x[i:i + 4], y[i:i + 4], plan, generator=torch.Generator().manual_seed(i))
               for i in (0, 4)]
     bounded, minimal = stage_names(spec, setup.classes)
-    if suite == "standard":
+    if suite in ("standard", "autoattack"):
         assert ("apgd-t" in bounded["linf"]) == (setup.classes >= 3)
     classes = [f"class <{k}>" for k in range(setup.classes)]
     info = {"threshold": 0.5, "fpr": 0.05, "model": "squeezer"} if detector is not None else None

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import workers.jobs
+from contracts.gate import eps_key, parse_eps_key
 from models.architectures import build
 from models.manifest import Lineage, ModelCard
 from models.registry import publish, sha256_hex, weights_bytes
@@ -25,7 +26,6 @@ from service.routes.audits import check_audit
 from service.settings import Settings
 from workers.attacks.cw import CarliniWagnerL2Spec
 from workers.attacks.deepfool import DeepFoolSpec
-from workers.audit.gate import eps_key, parse_eps_key
 from workers.audit_jobs import _audit_chunk, _audit_merge, build_plan
 from workers.jobs import Context, make_context
 from workers.settings import WorkerSettings

@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse
 from rich.console import Console
 from typer.testing import CliRunner
 
+from contracts.gate import evaluate_gate, parse_gate
 from service.cli import app as cli_app
 from service.cli import run_audit
-from workers.audit.gate import evaluate_gate, parse_gate
 
 KEY = "s3cret"
 PROBLEM = "application/problem+json"

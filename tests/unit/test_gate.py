@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from workers.audit.gate import (
+from contracts.gate import (
     GateError,
     GateLine,
     eps_key,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from workers.audit.gate import evaluate_gate, parse_gate
+from contracts.gate import evaluate_gate, parse_gate
 from workers.audit.junit import junit_error, junit_xml
 
 RESULT: dict[str, Any] = {
