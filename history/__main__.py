@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from contracts.settings import CommonSettings
 from history.store import HistoryStore
-from workers.settings import CommonSettings
 
 
 def main(argv: list[str] | None = None) -> int:

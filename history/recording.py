@@ -12,9 +12,9 @@ from typing import Any
 from rq.job import Job
 from sqlalchemy.exc import SQLAlchemyError
 
+from contracts.settings import CommonSettings
+from contracts.specs import JobError, JobState
 from history.store import AuditSummary, HistoryStore, JobRecord
-from workers.settings import CommonSettings
-from workers.specs import JobError, JobState
 
 log = logging.getLogger(__name__)
 UNRECORDED_KINDS = frozenset({"predict", "audit-chunk"})

@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,9 +19,9 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, and_, create_engine, event, make_url, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from contracts.specs import JobError, JobState, JobView
 from history.models import AuditRow, JobRow, ResultRow
 from models.manifest import parse_ref
-from workers.specs import JobError, JobState, JobView
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MIGRATION_LOCK = 0x61647672  # PostgreSQL advisory lock held while migrating ("advr")
@@ -212,6 +212,15 @@ class HistoryStore:
             found = connection.execute(query).first()
         return None if found is None else _view(found, found.result)
 
+    def known_ids(self, job_ids: Iterable[str]) -> set[str]:
+        """Which of ``job_ids`` the history holds, of any team (the orphan-blob sweep asks)."""
+        wanted, known = sorted(set(job_ids)), set[str]()
+        with self._transaction() as connection:
+            for start in range(0, len(wanted), 500):  # bounded IN lists
+                rows = connection.execute(select(JobRow.id).where(JobRow.id.in_(wanted[start:start + 500])))
+                known.update(row.id for row in rows)
+        return known
+
     def jobs(self, team: str, where: JobFilter, cursor: str | None = None, limit: int = 50
              ) -> tuple[list[JobView], str | None]:
         """``team``'s jobs, newest first, ``limit`` per page; the cursor of the next page or None.
@@ -251,6 +260,18 @@ class HistoryStore:
                  "n": row.n, "clean_accuracy": row.clean_accuracy,
                  "robust_accuracy": row.robust_accuracy, "verdict": row.verdict, "gate": row.gate}
                 for row in rows]
+
+    def audit_results(self, team: str, name: str, version: int, limit: int = 100) -> list[JobView]:
+        """``team``'s succeeded audits of ``name@version`` with their results, newest first (at
+        most ``limit``): the candidates for a baseline."""
+        query = (select(JobRow.__table__, ResultRow.result)
+                 .join(ResultRow, ResultRow.job_id == JobRow.id)
+                 .where(JobRow.team == team, JobRow.kind == "audit", JobRow.model_name == name,
+                        JobRow.model_version == version, JobRow.status == JobState.succeeded.value)
+                 .order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit))
+        with self._transaction() as connection:
+            rows = connection.execute(query).all()
+        return [_view(row, row.result) for row in rows]
 
 
 def _split(ref: str | None) -> tuple[str | None, int | None]:

@@ -10,18 +10,12 @@ import uuid
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from redis.exceptions import RedisError
 from rq.job import Dependency, Job
 
-from models.manifest import CardIndex, ModelCard
-from service import inputs as inp
-from service.deps import DataCatalogDep, QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
-from service.errors import Problem, invalid
-from service.routes.accept import accept, request_digest
-from service.routes.attacks import check_attack
-from service.settings import Settings
-from workers.audit.gate import GateError, eps_key, match_eps, parse_gate
-from workers.specs import (
+from contracts.gate import GateError, eps_key, match_eps, parse_gate
+from contracts.specs import (
     BLACK_BOX_ATTACKS,
     DEFAULT_CHECK_EPS,
     DEFAULT_GRIDS,
@@ -37,6 +31,15 @@ from workers.specs import (
     JobView,
     SquareParams,
 )
+from models.manifest import CardIndex, ModelCard
+from service import inputs as inp
+from service.baselines import data_label, resolve
+from service.deps import DataCatalogDep, QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
+from service.errors import Problem, invalid
+from service.routes.accept import accept, request_digest
+from service.routes.attacks import check_attack
+from service.routes.history import HistoryDep
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1/audits", tags=["audits"])
 MAX_GRID = 20
@@ -157,7 +160,10 @@ def check_audit(body: AuditRequest, card: ModelCard, n: int, labels: np.ndarray 
         raise invalid("attacks", "expected each attack (name and norm) at most once")
     grids = _grids(body, card, suite)
     steps = body.steps or (20 if suite == "quick" else 100)
-    if suite == "standard" and steps * body.n_target_classes > settings.max_steps:
+    if body.per_attack_curves and suite not in ("standard", "autoattack"):
+        raise invalid("per_attack_curves", f"expected per_attack_curves only with the standard or autoattack "
+                                           f"suite (the others have per-attack curves), got suite {suite}")
+    if suite in ("standard", "autoattack") and steps * body.n_target_classes > settings.max_steps:
         raise invalid("steps", f"expected steps x n_target_classes <= {settings.max_steps}, got "
                                f"{steps * body.n_target_classes}")
     if steps > settings.max_steps:
@@ -178,14 +184,15 @@ def check_audit(body: AuditRequest, card: ModelCard, n: int, labels: np.ndarray 
     check_eps = {norm: _nearest(grid, DEFAULT_CHECK_EPS[norm] * scale) for norm, grid in grids.items()}
     return AuditSpec(suite=suite, attacks=body.attacks, grids=grids, check_eps=check_eps, steps=body.steps,
                      n_target_classes=body.n_target_classes, square_queries=body.square_queries,
-                     surrogates=surrogates, transfer_eps=transfer_eps, thresholds=body.thresholds, notes=notes)
+                     per_attack_curves=body.per_attack_curves, surrogates=surrogates, transfer_eps=transfer_eps,
+                     thresholds=body.thresholds, notes=notes)
 
 
 @router.post("", status_code=202, response_model=JobView,
              responses={202: {"description": "audit queued; Location points to it"}})
 async def create_audit(body: AuditRequest, request: Request, response: Response, settings: SettingsDep,
                        queues: QueueDep, index: RegistryDep, store: StoreDep, data: DataCatalogDep,
-                       team: TeamDep) -> JobView:
+                       team: TeamDep, history: HistoryDep) -> JobView:
     """Queue a robustness audit: the suite over the eps grid on the sample, split into chunk jobs
     that any worker can take, merged by a final job whose result carries the verdict."""
     card = visible_card(index, body.model, team)
@@ -201,6 +208,10 @@ async def create_audit(body: AuditRequest, request: Request, response: Response,
         n = pinned.limit
         labels = None
     audit = check_audit(body, card, n, labels, index, team, settings)
+    audit = audit.model_copy(update={"data": data_label(pinned, decoded)})
+    # the history database is synchronous: off the event loop
+    baseline = await run_in_threadpool(resolve, body.baseline, audit, history, index, team)
+    audit = audit.model_copy(update={"baseline": baseline})
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     digest = request_digest(body)
     bounds = list(range(0, n, body.chunk_size)) + [n]

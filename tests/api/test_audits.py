@@ -143,3 +143,20 @@ def test_audit_idempotency_and_openapi(client: TestClient, redis: Redis) -> None
     assert first.json()["id"] == second.json()["id"] and queue(redis).count == 1
     schema = client.get("/openapi.json").json()
     assert "/v1/audits" in schema["paths"] and "AuditRequest" in schema["components"]["schemas"]
+
+
+def test_the_autoattack_suite_and_fab_t_are_accepted(client: TestClient, redis: Redis) -> None:
+    response = audit(client, suite="autoattack", eps={"linf": [0.1], "l2": [1.0]}, chunk_size=100)
+    assert response.status_code == 202, response.text
+    payload = Job.fetch(f"{response.json()['id']}c0", connection=redis, serializer=JSONSerializer).args[0]
+    assert payload["audit"]["suite"] == "autoattack" and set(payload["audit"]["grids"]) == {"linf", "l2"}
+    custom = audit(client, suite=None, attacks=[{"name": "fab-t", "eps": 0.1, "steps": 20}])
+    assert custom.status_code == 202, custom.text
+    assert_problem(audit(client, suite="autoattack", steps=200), 422, "steps")
+    assert_problem(audit(client, suite="quick", per_attack_curves=True), 422, "per_attack_curves")
+    curves = audit(client, suite="standard", per_attack_curves=True)
+    assert curves.status_code == 202, curves.text
+    payload = Job.fetch(f"{curves.json()['id']}c0", connection=redis, serializer=JSONSerializer).args[0]
+    assert payload["audit"]["per_attack_curves"] is True
+    assert_problem(audit(client, suite=None, attacks=[{"name": "fab-t", "eps": 0.1, "eta": 5}]), 422,
+                   "attacks[0].eta")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.audit.gate import EPS_REL_TOL, eps_key
+from contracts.gate import EPS_REL_TOL, eps_key
 from workers.audit.intervals import interval
 
 
@@ -96,7 +96,8 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
     counters: dict[str, float] = {}
     for c in chunks:
         for key, value in c.counters.items():
-            if key in ("random_max_logit_diff", "median_gradient_norm") or key.startswith("more_steps_eps"):
+            if key in ("random_max_logit_diff", "median_gradient_norm") or key.startswith(
+                    ("more_steps_eps", "more_steps_steps", "more_steps_restarts")):
                 counters[key] = max(counters.get(key, 0.0), value)
             else:
                 counters[key] = counters.get(key, 0.0) + value
@@ -338,9 +339,12 @@ def _more_steps_check(norm: str, counters: Mapping[str, float], base: int, tol: 
     if not attacked:
         return _check(name, "n/a", f"no sample survived the suite at {where}: there was nothing left for "
                                    "more steps and restarts to attack", **values)
+    steps, restarts = counters.get(f"more_steps_steps@{norm}"), counters.get(f"more_steps_restarts@{norm}")
+    budget = ("5x the steps and 3 restarts" if steps is None or restarts is None
+              else f"{int(steps)} steps and {int(restarts)} restart(s)")
     return _check(
         name, broken > max(1.0, tol.more_steps * base),
-        f"PGD with 5x the steps and 3 restarts at {where} broke {int(ce)} of {int(attacked)} samples that "
+        f"PGD with {budget} at {where} broke {int(ce)} of {int(attacked)} samples that "
         f"survived the suite with the cross-entropy, then {int(margin)} more with the logit margin (a loss "
         f"that a saturated softmax cannot flatten) (tolerance: 1 sample or {tol.more_steps:.0%})", **values)
 
