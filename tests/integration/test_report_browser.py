@@ -76,13 +76,13 @@ def test_the_report_loads_cleanly_with_every_image_and_chart(
         assert image["shown"] > 0
     charts = browser.execute_script(
         "return Array.from(document.querySelectorAll('svg'), s => {const r = s.getBoundingClientRect();"
-        " return {width: r.width, height: r.height, lines: s.querySelectorAll('polyline').length}})"
+        " return {width: r.width, height: r.height, lines: s.querySelectorAll('g[id*=\"-series-\"]').length}})"
     )
     assert [chart["lines"] for chart in charts] == [len(c["attacks"]) + 1 for c in result["curves"].values()]
     for chart in charts:
         assert chart["width"] > 0 and chart["height"] > 0
     line_widths = browser.execute_script(
-        "return Array.from(document.querySelectorAll('polyline'), p => p.getBBox().width)"
+        "return Array.from(document.querySelectorAll('g[id*=\"-series-\"] > path'), p => p.getBBox().width)"
     )
     assert line_widths and all(width > 0 for width in line_widths)
     # The hostile class name stayed text: no element was made from it.

@@ -7,6 +7,7 @@ import io
 import re
 import subprocess
 import sys
+from html import escape
 from html.parser import HTMLParser
 from typing import Any
 
@@ -151,9 +152,12 @@ def test_a_full_result_renders_a_complete_self_contained_page() -> None:
     assert tags.counts["html"] == tags.counts["head"] == tags.counts["body"] == 1
     assert "Not run." not in page
     # Nothing is fetched from outside: no scripts, stylesheets, fonts or remote images.
-    assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
+    assert "<script" not in page and "<link" not in page and "@import" not in page
+    assert re.findall(r"url\((?!#)", page) == []  # only the charts' own clip paths (url(#...))
     assert all(img["src"] and img["src"].startswith("data:image/png;base64,") for img in tags.attrs["img"])
-    assert re.findall(r"https?://[^\s\"]*", page) == ["http://www.w3.org/2000/svg"] * 2
+    # Only the SVG namespaces (two charts), never a fetched address.
+    assert set(re.findall(r"https?://[^\s\"]*", page)) == {"http://www.w3.org/2000/svg",
+                                                            "http://www.w3.org/1999/xlink"}
     page.encode("utf-8")
 
 
@@ -193,34 +197,60 @@ def test_three_images_per_sample(k: int) -> None:
     assert tags.counts["img"] == 3 * k
 
 
-def test_each_chart_has_a_polyline_per_attack_and_one_for_the_worst_case() -> None:
+def series_line(chart: str, norm: str, i: int) -> tuple[list[tuple[float, float]], dict[str, str]]:
+    """The points (SVG coordinates) and style of the line of series ``i`` in a matplotlib chart."""
+    match = re.search(rf'<g id="curve-{norm}-series-{i}">\s*<path d="([^"]*)"[^>]*style="([^"]*)"', chart)
+    assert match, (norm, i)
+    numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", match.group(1))]
+    style = dict(part.strip().split(": ", 1) for part in match.group(2).split(";") if part.strip())
+    return list(zip(numbers[::2], numbers[1::2], strict=True)), style
+
+
+def series_group(chart: str, norm: str, i: int) -> str:
+    """The whole ``<g>`` of series ``i`` (its line, marker definition and markers)."""
+    start = chart.index(f'<g id="curve-{norm}-series-{i}">')
+    depth, position = 0, start
+    for tag in re.finditer(r"<g[\s>]|</g>", chart[start:]):
+        depth += -1 if tag.group() == "</g>" else 1
+        position = start + tag.end()
+        if depth == 0:
+            break
+    return chart[start:position]
+
+
+def test_each_chart_has_a_line_per_attack_and_one_for_the_worst_case() -> None:
     result = full_result()
     page = render_report(result, None, CLASSES)
     charts = re.findall(r"<svg.*?</svg>", page, re.S)
     assert len(charts) == len(result["curves"])
-    for chart, curve in zip(charts, result["curves"].values(), strict=True):
-        tags = parse(chart)
-        series = [p["data-series"] for p in tags.attrs["polyline"]]
-        assert len(series) == len(curve["attacks"]) + 1
-        # The worst case first, below the attacks (one of which it always coincides with).
-        assert series[0] == "worst case" and series[1:] == list(curve["attacks"])
-        widths = {p["data-series"]: float(p["stroke-width"] or 0) for p in tags.attrs["polyline"]}
-        assert widths["worst case"] > max(w for s, w in widths.items() if s != "worst case")
-        colours = [p["stroke"] for p in tags.attrs["polyline"]]
+    for chart, (norm, curve) in zip(charts, result["curves"].items(), strict=True):
+        parse(chart)
+        count = len(curve["attacks"]) + 1
+        assert len(re.findall(rf'<g id="curve-{norm}-series-\d+">', chart)) == count
+        # The legend names the worst case first (drawn beneath the attacks: it always coincides
+        # with one of them), then every attack, escaped.
+        legend = chart[chart.index(f'id="curve-{norm}-legend'):]
+        names = ["worst case", *curve["attacks"]]
+        positions = [legend.find(f">{escape(name)}</text>") for name in names]
+        assert all(p >= 0 for p in positions) and positions == sorted(positions), positions
+        styles = [series_line(chart, norm, i)[1] for i in range(count)]
+        widths = [float(style["stroke-width"]) for style in styles]
+        assert widths[0] > max(widths[1:])
+        colours = [style["stroke"] for style in styles]
         assert len(set(colours)) == len(colours)
+        dashes = [style.get("stroke-dasharray", "solid") for style in styles[1:]]
+        assert len(set(dashes)) == len(dashes)  # told apart without colour, too
         # Every series has the clean accuracy at eps 0, then one point per eps.
-        for polyline in tags.attrs["polyline"]:
-            points = (polyline["points"] or "").split()
-            assert len(points) == len(curve["eps"]) + 1
+        for i in range(count):
+            assert len(series_line(chart, norm, i)[0]) == len(curve["eps"]) + 1
 
 
 def test_the_worst_case_line_goes_through_its_values() -> None:
     result = full_result()
     chart = re.findall(r"<svg.*?</svg>", render_report(result, None, CLASSES), re.S)[0]
-    tags = parse(chart)
-    worst = next(p for p in tags.attrs["polyline"] if p["data-series"] == "worst case")
-    points = [tuple(map(float, point.split(","))) for point in (worst["points"] or "").split()]
-    # Lower accuracy is further down (larger y), and y is linear in accuracy; x is linear in eps.
+    points, _ = series_line(chart, "linf", 0)
+    # Lower accuracy is further down (larger y), and y is linear in accuracy; x is linear in eps,
+    # from eps 0 (the clean accuracy): uneven grids keep their spacing.
     values = [result["clean_accuracy"], *result["curves"]["linf"]["worst_case"]]
     eps = [0.0, *result["curves"]["linf"]["eps"]]
     ys, xs = [y for _, y in points], [x for x, _ in points]
@@ -231,6 +261,18 @@ def test_the_worst_case_line_goes_through_its_values() -> None:
     x_slope = (xs[-1] - xs[0]) / (eps[-1] - eps[0])
     for x, e in zip(xs, eps, strict=True):
         assert x == pytest.approx(xs[0] + x_slope * e, abs=0.1)
+
+
+def test_the_worst_case_carries_its_intervals_as_error_bars() -> None:
+    result = full_result()
+    worst = result["curves"]["linf"]["worst_case"]
+    result["intervals"] = {"curves": {"linf": {"worst_case": [
+        {"lower": v - 0.05, "upper": v + 0.05, "n": 500} for v in worst]}}}
+    chart = re.findall(r"<svg.*?</svg>", render_report(result, None, CLASSES), re.S)[0]
+    plain = re.findall(r"<svg.*?</svg>", render_report(full_result(), None, CLASSES), re.S)[0]
+    assert chart.count("LineCollection") > plain.count("LineCollection")
+    assert "29.5–39.5%" not in chart  # the chart draws them; the table prints them
+    assert "30.0–40.0%" in section(render_report(result, None, CLASSES), "robust-accuracy")
 
 
 def test_values_appear_formatted() -> None:

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from contracts.gate import evaluate_gate, parse_gate
 from workers.audit.battery import run_battery
-from workers.audit.gate import evaluate_gate, parse_gate
 from workers.audit.merge import Chunk, merge, nan_to_none
 from workers.audit.report import render_report, report_samples, sample_eps
 from workers.audit_jobs import _load, _save, build_plan, stage_names
 from workers.specs import AuditSpec
 
 from .support import BOUNDS, CLASSES, batch, tiny_model
-from .test_report import parse, section
+from .test_report import parse, section, series_group, series_line
 
 GRID = [0.02, 0.05, 0.1, 0.3]  # not equally spaced
 NAMES = [f"class {k}" for k in range(CLASSES)]
@@ -80,32 +80,36 @@ def row(html: str, name: str) -> str:
 def test_every_series_is_visible(audit: Audit) -> None:
     curve = audit.result["curves"]["linf"]
     assert curve["attacks"]["pgd"] == curve["worst_case"]  # the case of the issue: PGD sets the worst case
-    tags = parse(chart(render(audit)))
-    lines = tags.attrs["polyline"]
-    assert [p["data-series"] for p in lines] == ["worst case", "fgsm", "pgd"]  # the worst case below
-    worst, attacks = lines[0], lines[1:]
-    assert worst["stroke-dasharray"] and float(worst["stroke-opacity"] or 1) < 1
-    # Attacks that coincide are told apart by dash and marker shape; each point has its marker.
-    assert len({(p["stroke"], p.get("stroke-dasharray")) for p in attacks}) == len(attacks)
-    shapes = {}
-    for name in ("fgsm", "pgd"):
-        markers = [a for tag in ("circle", "rect", "polygon", "path") for a in tags.attrs.get(tag, [])
-                   if a.get("data-series") == name]
-        assert len(markers) == len(GRID) + 1
-        assert all(m["fill"] == "none" for m in markers)  # hollow: markers below show through
-        shapes[name] = {m["data-shape"] for m in markers}
-    assert len(shapes["fgsm"]) == len(shapes["pgd"]) == 1 and shapes["fgsm"] != shapes["pgd"]
+    svg = chart(render(audit))
+    parse(svg)
+    legend = svg[svg.index('id="curve-linf-legend'):]
+    order = [legend.find(f">{name}</text>") for name in ("worst case", "fgsm", "pgd")]
+    assert min(order) >= 0 and order == sorted(order)  # the worst case first, drawn below
+    worst, attacks = series_line(svg, "linf", 0)[1], [series_line(svg, "linf", i)[1] for i in (1, 2)]
+    assert worst.get("stroke-dasharray") and float(worst.get("stroke-opacity", 1)) < 1
+    assert float(worst["stroke-width"]) > max(float(a["stroke-width"]) for a in attacks)
+    # Attacks that coincide are told apart by colour and dash, and by marker shape; every point has
+    # its marker, hollow, so that markers below show through.
+    assert len({(a["stroke"], a.get("stroke-dasharray")) for a in attacks}) == len(attacks)
+    shapes = []
+    for i in (1, 2):
+        group = series_group(svg, "linf", i)
+        uses = re.findall(r'<use xlink:href="#(m[0-9a-f]+)"[^>]*style="([^"]*)"', group)
+        assert len(uses) == len(GRID) + 1
+        assert all("fill-opacity: 0" in style for _, style in uses)
+        assert len({marker for marker, _ in uses}) == 1
+        shapes.append(re.search(rf'<path id="{uses[0][0]}" d="([^"]*)"', group).group(1))  # type: ignore[union-attr]
+    assert shapes[0] != shapes[1]
 
 
 def test_eps_is_a_numeric_axis_from_zero_with_the_clean_accuracy_there(audit: Audit) -> None:
     svg = chart(render(audit))
-    tags = parse(svg)
+    parse(svg)
     clean = audit.result["clean_accuracy"]
-    for polyline in tags.attrs["polyline"]:
-        points = [tuple(map(float, p.split(","))) for p in (polyline["points"] or "").split()]
+    curve = audit.result["curves"]["linf"]
+    for i, name in enumerate(["worst case", *curve["attacks"]]):
+        points, _ = series_line(svg, "linf", i)
         xs, ys = [x for x, _ in points], [y for _, y in points]
-        curve = audit.result["curves"]["linf"]
-        name = polyline["data-series"]
         values = [clean, *(curve["worst_case"] if name == "worst case" else curve["attacks"][name])]
         eps = [0.0, *GRID]
         # x proportional to eps (0.02 and 0.05 are closer than 0.1 and 0.3), y linear in accuracy.
@@ -113,7 +117,8 @@ def test_eps_is_a_numeric_axis_from_zero_with_the_clean_accuracy_there(audit: Au
         assert xs == pytest.approx([xs[0] + scale * e for e in eps], abs=0.1)
         slope = (ys[-1] - ys[0]) / (values[-1] - values[0])
         assert ys == pytest.approx([ys[0] + slope * (v - values[0]) for v in values], abs=0.1)
-    assert ">0</text>" in svg and ">0.3</text>" in svg and ">0.05</text>" in svg  # numeric ticks
+    ticks = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    assert {"0.00", "0.10", "0.20", "0.30"} <= set(ticks)  # numeric ticks from 0
     table = section(render(audit), "robust-accuracy")
     assert "0 (clean)" in table and "100.0%" in table
 

@@ -1,7 +1,8 @@
 """The audit report: one self-contained HTML page made from an audit result and a few sample images.
 
-Torch-free (numpy, Pillow, stdlib) so that the gateway can render it too. The page needs nothing from
-outside: charts are inline SVG, images are PNG data URIs, styles are inline, there is no script.
+Torch-free (numpy, Pillow, matplotlib, stdlib) so that the gateway can render it too. The page needs
+nothing from outside: charts are inline SVG drawn by matplotlib (``workers.audit.charts``), images are
+PNG data URIs, styles are inline, there is no script.
 Every string that comes from the result or the class list is escaped on its way into the page.
 """
 
@@ -18,8 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from contracts.gate import eps_key, parse_eps, parse_line
 from workers.artifacts import display_layout
-from workers.audit.gate import eps_key, parse_eps, parse_line
+from workers.audit.charts import Series, accuracy_chart_svg
 from workers.audit.merge import Chunk
 
 NOT_RUN = '<p class="not-run">Not run.</p>'
@@ -27,15 +29,6 @@ MISSING = "—"
 NOT_APPLICABLE = "n/a"
 # Images are upscaled (nearest neighbour) to at least this many pixels on their longer side.
 MIN_IMAGE_PX = 84
-# Okabe-Ito colours (told apart with the common colour-vision deficiencies), yellow left out as too
-# pale on white; each attack also has its own dash and marker shape, so that it reads without colour
-# and where lines coincide. The worst case is a wide, pale, dashed band in near-black drawn below them:
-# it always coincides with some attack (PGD in the quick suite), which must stay visible.
-ATTACK_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#7f7f7f")
-ATTACK_DASHES = ("", "7 3", "2 3", "9 3 2 3", "4 2", "1 2", "12 4")
-MARKER_SHAPES = ("circle", "square", "triangle", "diamond", "triangle-down", "plus", "cross")
-WORST_CASE_COLOR = "#222222"
-WORST_CASE_DASH = "10 5"
 
 
 @dataclass(frozen=True)
@@ -320,8 +313,7 @@ def _curves(curves: Any, clean_accuracy: Any = None, bands: Mapping[str, Any] | 
         worst = curve.get("worst_case")
         band = (bands or {}).get(norm)
         worst_band = list(band.get("worst_case") or []) if isinstance(band, Mapping) else []
-        chart = line_chart_svg(f"Robust accuracy under {norm} attacks", f"eps ({norm})", eps, series,
-                               list(worst) if worst else None, clean, labels, worst_band)
+        chart = _chart(norm, eps, series, list(worst) if worst else None, clean, worst_band)
         first = [_pct(clean)] if clean is not None else []
         rows = [[_e(name), *first, *(_pct(v) for v in values)] for name, values in series]
         if worst:
@@ -336,6 +328,23 @@ def _curves(curves: Any, clean_accuracy: Any = None, bands: Mapping[str, Any] | 
     return "\n".join(parts) or NOT_RUN
 
 
+def _chart(norm: str, eps: Sequence[float], series: Sequence[tuple[str, Sequence[Any]]],
+           worst_case: Sequence[Any] | None, clean: float | None, worst_band: Sequence[Any]) -> str:
+    """The chart of one norm: every attack, and the worst case (with its 95% intervals) beneath them;
+    each line starts at the clean accuracy, at eps 0."""
+    xs = [0.0, *eps] if clean is not None else list(eps)
+    start = [clean] if clean is not None else []
+    lines = []
+    if worst_case is not None:
+        bands = [b if isinstance(b, Mapping) else {} for b in worst_band]
+        low = [None] * len(start) + [b.get("lower") for b in bands]
+        high = [None] * len(start) + [b.get("upper") for b in bands]
+        lines.append(Series("worst case", xs, [*start, *worst_case], low, high, emphasis=True))
+    lines.extend(Series(name, xs, [*start, *values]) for name, values in series)
+    return accuracy_chart_svg(f"Robust accuracy under {norm} attacks", f"eps ({norm})", lines,
+                              chart_id=f"curve-{norm}", x_eps=eps)
+
+
 def _eps_values(eps: Any, labels: Sequence[str]) -> list[float]:
     """A curve's eps as numbers: its ``eps`` list, else its labels parsed (``"8/255"``), else 1, 2, ..."""
     if isinstance(eps, list | tuple) and eps and all(_is_number(e) and math.isfinite(e) for e in eps):
@@ -344,174 +353,6 @@ def _eps_values(eps: Any, labels: Sequence[str]) -> list[float]:
         return [parse_eps(label) for label in labels]
     except ValueError:
         return [float(i + 1) for i in range(len(labels))]
-
-
-def line_chart_svg(
-    title: str,
-    x_title: str,
-    eps: Sequence[float],
-    series: Sequence[tuple[str, Sequence[Any]]],
-    worst_case: Sequence[Any] | None,
-    clean_accuracy: Any = None,
-    labels: Sequence[str] | None = None,
-    worst_band: Sequence[Any] = (),
-) -> str:
-    """An inline SVG line chart of robust accuracy (y, in [0, 1]) against eps (x, a numeric axis from
-    0, so that the spacing of the grid shows). With ``clean_accuracy`` every line starts there, at
-    eps 0. The worst case is drawn first, wide, pale and dashed, so that the attack that sets it stays
-    visible on top of it; each attack has its own colour, dash and hollow marker shape, so lines that
-    coincide can still be told apart. A legend below the plot; ``labels`` name the eps in tooltips
-    (e.g. ``8/255``). ``worst_band``: the worst case's 95% intervals (``{"lower", "upper", "n"}``
-    per eps), drawn as error bars."""
-    width, left, right, top, plot_h, x_axis_h = 680, 56, 20, 34, 240, 44
-    plot_w = width - left - right
-    xs = [float(e) for e in eps]
-    names = dict(zip(xs, labels, strict=True)) if labels is not None and len(labels) == len(xs) else {}
-    ticks = _nice_ticks(max(xs, default=0.0))
-    x_max = ticks[-1] if ticks[-1] > 0 else 1.0
-    start = clean_accuracy if _is_number(clean_accuracy) and math.isfinite(clean_accuracy) else None
-
-    def x_at(value: float) -> float:
-        return left + plot_w * min(max(value / x_max, 0.0), 1.0)
-
-    def y_at(value: float) -> float:
-        return top + plot_h * (1 - min(max(value, 0.0), 1.0))
-
-    # (name, values, colour, dash, width, marker shape); the worst case first, so that it lies below.
-    lines: list[tuple[str, Sequence[Any], str, str, float, str | None]] = []
-    if worst_case is not None:
-        lines.append(("worst case", worst_case, WORST_CASE_COLOR, WORST_CASE_DASH, 6.0, None))
-    lines.extend(
-        (name, values, ATTACK_COLORS[i % len(ATTACK_COLORS)], ATTACK_DASHES[i % len(ATTACK_DASHES)], 2.0,
-         MARKER_SHAPES[i % len(MARKER_SHAPES)])
-        for i, (name, values) in enumerate(series)
-    )
-
-    # Legend rows below the plot, laid out by a rough text width (7 px a character at 12 px).
-    legend: list[str] = []
-    legend_top = top + plot_h + x_axis_h + 14
-    x, y = left, legend_top
-    for name, _, color, dash, stroke, shape in lines:
-        item_w = 34 + 7 * len(name) + 18
-        if x + item_w > width and x > left:
-            x, y = left, y + 20
-        legend.append(
-            f'<line x1="{x}" y1="{y}" x2="{x + 26}" y2="{y}" stroke="{color}" stroke-width="{stroke}"'
-            f"{_line_style(dash, shape is None)}/>"
-            + (_point_marker(shape, x + 13, y, color, "") if shape is not None else "")
-            + f'<text x="{x + 32}" y="{y + 4}" class="legend">{_e(name)}</text>'
-        )
-        x += item_w
-    height = y + 16
-
-    grid = []
-    base = top + plot_h
-    for tick in range(6):
-        value = tick / 5
-        ty = y_at(value)
-        grid.append(
-            f'<line x1="{left}" y1="{ty:.1f}" x2="{left + plot_w}" y2="{ty:.1f}" class="grid"/>'
-            f'<text x="{left - 8}" y="{ty + 4:.1f}" text-anchor="end" class="tick">{value:.1f}</text>'
-        )
-    for value in ticks:
-        tx = x_at(value)
-        grid.append(
-            f'<line x1="{tx:.1f}" y1="{base}" x2="{tx:.1f}" y2="{base + 5}" class="axis"/>'
-            f'<text x="{tx:.1f}" y="{base + 17}" text-anchor="middle" class="tick">{value:g}</text>'
-        )
-    # Where the grid's eps lie: short marks inside the plot, above the axis.
-    grid.extend(f'<line x1="{x_at(e):.1f}" y1="{base - 4}" x2="{x_at(e):.1f}" y2="{base}" class="eps-mark"/>'
-                for e in xs)
-
-    plotted = []
-    for e, band in zip(xs, worst_band, strict=False):
-        if isinstance(band, Mapping) and all(_is_number(band.get(b)) for b in ("lower", "upper")):
-            tx, low, high = x_at(e), y_at(band["lower"]), y_at(band["upper"])
-            where = names.get(e, f"{e:g}")
-            tip = f"worst case at eps {where}: 95% interval {_ci(band)}, n={_num(band.get('n'))}"
-            plotted.append(
-                f'<g class="ci-bar" data-series="worst case interval"><title>{_e(tip)}</title>'
-                f'<line x1="{tx:.1f}" y1="{low:.1f}" x2="{tx:.1f}" y2="{high:.1f}"/>'
-                f'<line x1="{tx - 4:.1f}" y1="{low:.1f}" x2="{tx + 4:.1f}" y2="{low:.1f}"/>'
-                f'<line x1="{tx - 4:.1f}" y1="{high:.1f}" x2="{tx + 4:.1f}" y2="{high:.1f}"/></g>')
-    for name, values, color, dash, stroke, shape in lines:
-        points = [(0.0, float(start))] if start is not None else []
-        points += [(e, float(v)) for e, v in zip(xs, values, strict=False)
-                   if _is_number(v) and math.isfinite(v)]
-        coords = " ".join(f"{x_at(e):.1f},{y_at(v):.1f}" for e, v in points)
-        opacity = "" if shape is not None else ' stroke-opacity="0.35"'
-        plotted.append(
-            f'<polyline data-series="{_e(name)}" points="{coords}" fill="none" stroke="{color}" '
-            f'stroke-width="{stroke}" stroke-linejoin="round"{opacity}{_line_style(dash, False)}/>'
-        )
-        for e, v in points:
-            tip = f"{name} at eps {names.get(e, f'{e:g}')}: {_pct(v)}" if e else f"clean accuracy: {_pct(v)}"
-            if shape is None:
-                plotted.append(f'<circle cx="{x_at(e):.1f}" cy="{y_at(v):.1f}" r="3" fill="{color}" '
-                               f'fill-opacity="0.5"><title>{_e(tip)}</title></circle>')
-            else:
-                plotted.append(_point_marker(shape, x_at(e), y_at(v), color, tip, series=name))
-
-    frame = (
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{base}" class="axis"/>'
-        f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" class="axis"/>'
-        f'<text x="{left + plot_w / 2:.1f}" y="{base + x_axis_h - 8}" text-anchor="middle" '
-        f'class="axis-title">{_e(x_title)}</text>'
-        f'<text x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" transform="rotate(-90 14 '
-        f'{top + plot_h / 2:.1f})" class="axis-title">robust accuracy</text>'
-        f'<text x="{left}" y="20" class="chart-title">{_e(title)}</text>'
-    )
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{_e(title)}" width="{width}" '
-        f'height="{height}" viewBox="0 0 {width} {height}"><title>{_e(title)}</title>'
-        + "".join(grid)
-        + frame
-        + "".join(plotted)
-        + "".join(legend)
-        + "</svg>"
-    )
-
-
-def _nice_ticks(top: float, target: int = 6) -> list[float]:
-    """Ticks 0, s, 2s, ... up to the first at or above ``top``, with s 1, 2, 2.5 or 5 times a power
-    of ten, about ``target`` steps."""
-    if not math.isfinite(top) or top <= 0:
-        return [0.0]
-    raw = top / target
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
-    count = math.ceil(top / step - 1e-9)
-    return [float(f"{i * step:.12g}") for i in range(count + 1)]
-
-
-def _line_style(dash: str, legend_worst: bool) -> str:
-    style = f' stroke-dasharray="{dash}"' if dash else ""
-    return style + (' stroke-opacity="0.35"' if legend_worst else "")
-
-
-def _point_marker(shape: str, cx: float, cy: float, color: str, tip: str, series: str | None = None) -> str:
-    """A hollow marker (outline only, so that markers of several series at one point all show)."""
-    r = 4.5
-    data = f' data-series="{_e(series)}" data-shape="{shape}"' if series is not None else ""
-    paint = f'fill="none" stroke="{color}" stroke-width="1.6" pointer-events="all"{data}'
-    title = f"<title>{_e(tip)}</title>" if tip else ""
-    if shape == "circle":
-        return f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{r}" {paint}>{title}</circle>'
-    if shape == "square":
-        return (f'<rect x="{cx - r:.1f}" y="{cy - r:.1f}" width="{2 * r}" height="{2 * r}" {paint}>'
-                f"{title}</rect>")
-    corners = {
-        "triangle": ((0, -1.2), (1.1, 0.8), (-1.1, 0.8)),
-        "diamond": ((0, -1.3), (1.3, 0), (0, 1.3), (-1.3, 0)),
-        "triangle-down": ((0, 1.2), (1.1, -0.8), (-1.1, -0.8)),
-    }.get(shape)
-    if corners is not None:
-        points = " ".join(f"{cx + dx * r:.1f},{cy + dy * r:.1f}" for dx, dy in corners)
-        return f'<polygon points="{points}" {paint}>{title}</polygon>'
-    arms = ((-1, 0, 1, 0), (0, -1, 0, 1)) if shape == "plus" else ((-1, -1, 1, 1), (-1, 1, 1, -1))
-    path = " ".join(f"M{cx + a * r:.1f} {cy + b * r:.1f} L{cx + c * r:.1f} {cy + d * r:.1f}"
-                    for a, b, c, d in arms)
-    return f'<path d="{path}" {paint}>{title}</path>'
 
 
 def _masking(masking: Any) -> str:
@@ -763,15 +604,7 @@ figure { margin: 0; }
 .chart { margin: 8px 0; }
 .chart svg { max-width: 100%; height: auto; display: block; }
 .chart figcaption { display: none; }
-svg .grid { stroke: #e3e3e3; stroke-width: 1; }
-svg .axis { stroke: #555; stroke-width: 1; }
-svg .eps-mark { stroke: #999; stroke-width: 1; }
-svg .ci-bar line { stroke: #222; stroke-width: 1.2; }
 .ci { color: #555; font-size: 0.9em; }
-svg .tick { font-size: 11px; fill: #444; }
-svg .legend { font-size: 12px; fill: #222; }
-svg .axis-title { font-size: 12px; fill: #333; }
-svg .chart-title { font-size: 14px; font-weight: 600; fill: #222; }
 .samples { display: grid; grid-template-columns: repeat(auto-fill, minmax(330px, 1fr)); gap: 14px; }
 .sample { border: 1px solid #eee; border-radius: 4px; padding: 8px; }
 .sample p { margin: 6px 0 0; font-size: 0.88em; }

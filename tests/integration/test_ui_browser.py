@@ -1,0 +1,158 @@
+"""The web pages in a real browser: headless Chromium (Debian's, driven by its chromedriver) against a
+real gateway process on a real Redis, over a history of audits and jobs. It signs in with a key, opens
+the models page, a model's history and a report, then a signed report link with no session; no page
+logs a console error (a Content-Security-Policy violation would), every chart lays out. Screenshots
+go to ``ADVERSA_UI_SCREENSHOTS`` when set (to look at them), else to the test's temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis import Redis
+from selenium.webdriver import Chrome
+from selenium.webdriver.common.by import By
+
+from history.store import HistoryStore
+from models.store import FileStore
+from tests.conftest import REPO
+from tests.integration.conftest import JOB_TIMEOUT_S, free_port
+from tests.integration.test_report_browser import MISSING, browser  # noqa: F401 - the fixture
+from tests.ui_support import fill, register_cards
+
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"no {' or '.join(MISSING)}: `make browser` installs "
+                                "Debian's chromium and chromium-driver")
+KEY = "browser-key"
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A gateway process (no worker: the history is recorded beforehand, as workers would have)."""
+    var = tmp_path_factory.mktemp("var")
+    history = HistoryStore(f"sqlite:///{var / 'history.db'}")
+    register_cards(var / "models", "vision", "vision-cnn", 3)
+    fill(history, FileStore(var / "blobs"), "vision", 120, model="vision-cnn", versions=3)
+    history.close()
+    Redis.from_url(redis_url).flushdb()
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "ADVERSA_VAR_DIR": str(var), "PYTHONPATH": str(REPO),
+           "ADVERSA_API_KEYS": json.dumps({KEY: "vision", "other-key": "audio"})}
+    log = (var / "gateway.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+                                "--workers", "0"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=10).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, (var / "gateway.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "gateway not up"
+            time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        Redis.from_url(redis_url).flushdb()
+
+
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("ADVERSA_UI_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def settled(driver: Chrome, title_start: str) -> list[dict[str, Any]]:
+    """Wait for the page titled ``title_start...`` to load; its console entries of level SEVERE."""
+    deadline = time.monotonic() + 60
+    while not (driver.title.startswith(title_start)
+               and driver.execute_script("return document.readyState") == "complete"):
+        assert time.monotonic() < deadline, f"expected a page titled {title_start!r}, got {driver.title!r}"
+        time.sleep(0.1)
+    # The report (made by the worker, a standalone file) names no icon: the browser asks for the
+    # site's /favicon.ico, which the API does not serve. The pages name an empty inline one.
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"
+            and not ("/favicon.ico" in entry["message"] and title_start == "Robustness audit")]
+
+
+def charts(driver: Chrome) -> list[dict[str, float]]:
+    return list(driver.execute_script(
+        "return Array.from(document.querySelectorAll('svg'), s => {const r = s.getBoundingClientRect();"
+        " return {width: r.width, height: r.height,"
+        " series: s.querySelectorAll('g[id*=\"-series-\"]').length}})"))
+
+
+def test_sign_in_then_models_history_and_a_report(browser: Chrome, gateway: str, tmp_path: Path) -> None:  # noqa: F811
+    folder = shots(tmp_path)
+    browser.delete_all_cookies()
+    browser.get_log("browser")
+    browser.get(f"{gateway}/ui/models")
+    assert settled(browser, "Sign in") == []
+    assert "/ui/login" in browser.current_url
+    browser.find_element(By.NAME, "key").send_keys("not-a-key")
+    browser.find_element(By.CSS_SELECTOR, "form button").click()
+    refused = settled(browser, "Sign in")  # answered 401, which the console reports, and nothing else
+    assert [entry["message"] for entry in refused if "401" not in entry["message"]] == []
+    assert "Unknown API key" in browser.find_element(By.CSS_SELECTOR, ".error").text
+    browser.find_element(By.NAME, "key").send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, "form button").click()
+    browser.get_log("browser")
+
+    assert settled(browser, "Models") == []
+    assert browser.execute_script("return document.cookie") == ""  # HttpOnly: no script can read it
+    row = browser.find_element(By.XPATH, "//tr[td/a[text()='vision-cnn']]").text
+    assert "v3 · quick" in row and "pass" in row and "78.0%" in row and "vision" in row
+    browser.save_screenshot(str(folder / "ui-models.png"))
+
+    browser.find_element(By.LINK_TEXT, "vision-cnn").click()
+    assert settled(browser, "vision-cnn") == []
+    [chart] = charts(browser)
+    assert chart["series"] == 3 and chart["width"] > 300 and chart["height"] > 150
+    browser.save_screenshot(str(folder / "ui-model-history.png"))
+
+    browser.find_elements(By.LINK_TEXT, "report")[0].click()
+    assert settled(browser, "Robustness audit") == []
+    assert browser.current_url.startswith(f"{gateway}/ui/reports/")  # shown, not downloaded
+    assert len(charts(browser)) == 1
+    browser.save_screenshot(str(folder / "ui-report.png"))
+
+    browser.get(f"{gateway}/ui/jobs")
+    assert settled(browser, "Jobs") == []
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tbody tr")) == 50
+    browser.save_screenshot(str(folder / "ui-jobs.png"))
+    browser.find_element(By.PARTIAL_LINK_TEXT, "older").click()
+    assert settled(browser, "Jobs") == []
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tbody tr")) == 50
+
+    browser.find_element(By.CSS_SELECTOR, "nav form button").click()  # sign out (a POST with its token)
+    assert settled(browser, "Sign in") == []
+    browser.get(f"{gateway}/ui/models")
+    assert settled(browser, "Sign in") == []
+
+
+def test_a_signed_link_opens_the_report_in_a_browser_without_a_session(
+        browser: Chrome, gateway: str, tmp_path: Path) -> None:  # noqa: F811
+    link = httpx.get(f"{gateway}/v1/audits/vision00000/report-link",
+                     headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert link.status_code == 200, link.text
+    browser.delete_all_cookies()
+    browser.get_log("browser")
+    browser.get(link.json()["url"])
+    assert settled(browser, "Robustness audit") == []
+    assert "vision-cnn@1" in browser.find_element(By.TAG_NAME, "h1").text
+    browser.save_screenshot(str(shots(tmp_path) / "ui-report-link.png"))
