@@ -1,0 +1,107 @@
+"""Across machines: a gateway and a worker that share only Redis, the S3 store (a real S3-speaking
+server, tests/s3server.py) and the history database, each with its own var dir (no shared disk).
+An attack on uploaded images runs, its artifacts come back over HTTP, every blob is in the bucket
+and none on either disk; the worker's sweep removes an orphan input at start."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from redis import Redis
+
+from models.datasets import load_split
+from models.store import S3Store
+from tests.conftest import REPO
+from tests.history_db import database
+from tests.integration.conftest import JOB_TIMEOUT_S, Running, _logs, free_port, wait
+from tests.s3server import S3Server, s3_server  # noqa: F401 - the session fixture
+
+
+@pytest.fixture
+def machines(redis_url: str, s3_server: S3Server, tmp_path: Path  # noqa: F811
+             ) -> Iterator[tuple[Running, Path, S3Store]]:
+    """A gateway on 'machine A' and a worker on 'machine B'; the bucket's store."""
+    Redis.from_url(redis_url).flushdb()
+    bucket = s3_server.new_bucket()
+    store = S3Store(bucket, prefix="e2e", endpoint_url=s3_server.endpoint_url)
+    store.put("inputs/0rphan.npz", b"left by a gateway killed before it enqueued")
+    gateway_var, worker_var, logs = tmp_path / "a", tmp_path / "b", tmp_path / "a" / "logs"
+    logs.mkdir(parents=True)
+    with database("postgresql", tmp_path) as history_url:
+        env = {**os.environ, **s3_server.env(bucket, "e2e"), "REDIS_URL": redis_url,
+               "ADVERSA_HISTORY_URL": history_url, "ADVERSA_QUEUE_PREFIX": "s3e2e-",
+               "PYTHONPATH": str(REPO)}
+        # One sweep at the worker's start (then hourly), with no grace: the test sends its job after.
+        worker_env = {**env, "ADVERSA_VAR_DIR": str(worker_var), "ADVERSA_SWEEP_INTERVAL_S": "3600",
+                      "ADVERSA_SWEEP_GRACE_S": "0"}
+        port = free_port()
+        cli = [sys.executable, "-m", "service.cli"]
+        running = Running(
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120), gateway_var,
+            subprocess.Popen([*cli, "worker", "--name", "s3-worker"], env=worker_env, cwd=REPO,
+                             stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT),
+            subprocess.Popen([*cli, "serve", "--port", str(port), "--workers", "0"],
+                             env={**env, "ADVERSA_VAR_DIR": str(gateway_var)}, cwd=REPO,
+                             stdout=(logs / "gateway.log").open("wb"), stderr=subprocess.STDOUT),
+        )
+        try:
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while not ready(running):
+                assert running.worker.poll() is None and running.gateway.poll() is None, _logs(logs)
+                assert time.monotonic() < deadline, f"not ready in {JOB_TIMEOUT_S} s\n{_logs(logs)}"
+                time.sleep(0.5)
+            yield running, worker_var, store
+        finally:
+            running.stop()
+            Redis.from_url(redis_url).flushdb()
+
+
+def ready(running: Running) -> bool:
+    try:
+        return running.client.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_attack_with_uploaded_images_across_machines(machines: tuple[Running, Path, S3Store]) -> None:
+    running, worker_var, store = machines
+    client = running.client
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while store.exists("inputs/0rphan.npz"):  # the worker's sweep at start
+        assert time.monotonic() < deadline, "the worker never swept the orphan input"
+        time.sleep(0.2)
+
+    x, y = load_split("fashion-mnist:test").slice(0, 4)
+    files = []
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray((x[i, 0] * 255).round().astype(np.uint8), mode="L").save(buffer, "PNG")
+        files.append(("files", (f"{i}.png", buffer.getvalue(), "image/png")))
+    spec = '{"model": "fmnist-cnn", "attack": {"name": "fgsm", "eps": 0.2}, "seed": 1}'
+    response = client.post("/v1/attacks", data={"spec": spec, "labels": str(y.tolist())}, files=files)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    job = wait(client, job_id)
+    assert job["status"] == "succeeded", (job, _logs(running.logs))
+    assert job["result"]["scores"]["n"] == 4
+
+    adv = np.load(io.BytesIO(client.get(f"/v1/jobs/{job_id}/artifacts/adversarial.npy").content),
+                  allow_pickle=False)
+    assert adv.shape == (4, 1, 28, 28) and adv.min() >= 0 and adv.max() <= 1
+    quantized = (x * 255).round() / 255  # what the PNGs carried
+    assert np.abs(adv - quantized).max() <= 0.2 + 1e-5
+    artifacts = job["result"]["artifacts"]
+    assert store.list(f"jobs/{job_id}") == sorted(f"jobs/{job_id}/{name}" for name in artifacts)
+    assert store.exists(f"inputs/{job_id}.npz")  # a job the history keeps keeps its inputs
+    for var in (running.var, worker_var):  # nothing went through either disk
+        assert not (var / "blobs").exists()
