@@ -12,10 +12,10 @@ from fastapi import Request, Response
 from pydantic import BaseModel
 from rq.job import Job
 
+from contracts.specs import JobView
 from service.errors import Problem
 from service.metrics import JOBS
 from service.queueing import Queues, view
-from workers.specs import JobView
 
 
 def request_digest(validated: BaseModel, files: Sequence[tuple[str, bytes]] = (),
@@ -41,16 +41,22 @@ def request_digest(validated: BaseModel, files: Sequence[tuple[str, bytes]] = ()
 def accept(request: Request, response: Response, queues: Queues, team: str, kind: str, job_id: str,
            digest: bytes, enqueue: Callable[[], Job]) -> JobView:
     """Run ``enqueue`` (store inputs, put the job on its queue) unless a request with the same
-    ``Idempotency-Key`` came before: then answer that job (409 if the body differs). A failed
-    enqueue releases the key, so the client's retry is accepted."""
+    ``Idempotency-Key`` came before: then answer that job (409 if the body differs), or the team
+    is at one of its job limits (429). A failed enqueue releases the key and the team's place, so
+    the client's retry is accepted."""
     idem = request.headers.get("idempotency-key")
     if idem:
         earlier = queues.reserve_idempotency(team, idem, job_id, digest)
         if earlier is not None:
             return _replay(earlier, digest, queues, response)
+    admitted = False
     try:
+        queues.admit(team, job_id)  # 429 over the team's job limits (service/limits.py)
+        admitted = True
         rq_job = enqueue()
     except BaseException:
+        if admitted:
+            queues.release(team, job_id)
         if idem:
             queues.release_idempotency(team, idem)
         raise
