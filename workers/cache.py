@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,6 +60,7 @@ class ModelCache:
         self.capacity = capacity
         self.tuning_file = tuning_file
         self._models: OrderedDict[str, tuple[ModelCard, Classifier]] = OrderedDict()
+        self.calibrations = 0  # batch-size calibrations this cache ran (the others were remembered)
         self._lock = threading.RLock()  # compositions load their parts through get()
 
     def resolve(self, ref: str) -> ModelCard:
@@ -88,39 +91,71 @@ class ModelCache:
                 log.info("evicted %s from the model cache", evicted)
             return card, handle
 
-    def batch_size(self, card: ModelCard, model: Classifier) -> int:
-        """The measured best chunk size for forward+backward of this model on this device: chosen
-        at registration for uploaded models, else measured on first use and remembered."""
+    def tuning_key(self, card: ModelCard) -> str:
+        """Where a calibration is remembered: the model's weights (or composition) and the device."""
+        return f"{card_key(card)}:{self.device}"
+
+    def known_batch_size(self, card: ModelCard) -> int | None:
+        """The chunk size chosen at registration (uploaded models) or by an earlier calibration on
+        this device (``<var>/batch_sizes.json``, shared by the workers of one var dir); None: not
+        measured yet."""
         if self.device.type in card.batch_size:
             return card.batch_size[self.device.type]
-        key = f"{card_key(card)}:{self.device}"
-        known = self._read_tuning()
-        if key in known:
-            return int(known[key])
+        known = self._read_tuning().get(self.tuning_key(card))
+        return int(known) if known is not None else None
+
+    def batch_size(self, card: ModelCard, model: Classifier,
+                   on_candidate: Callable[[int, int], None] | None = None) -> int:
+        """The measured best chunk size for forward+backward of this model on this device: chosen
+        at registration for uploaded models, else measured on first use and remembered.
+
+        ``on_candidate(i, size)`` runs before the ``i``-th candidate size is timed (a job shows it as
+        its ``calibrating`` stage). Sizes are tried from small to large and the search stops once a
+        size runs at under 80% of the best rate: on CPUs throughput falls past a knee (the small CNN
+        at batch 512 runs at half its rate at 128), so the large sizes would cost the most for nothing.
+        """
+        known = self.known_batch_size(card)
+        if known is not None:
+            return known
         best, best_rate = CANDIDATE_BATCHES[0], 0.0
-        for size in CANDIDATE_BATCHES:
-            x = torch.rand(size, *card.input_shape, device=self.device)
-            y = torch.zeros(size, dtype=torch.int64, device=self.device)
-            loss = lambda logits, labels=y: torch.nn.functional.cross_entropy(  # noqa: E731
-                logits, labels, reduction="sum"
-            )
-            model.value_and_grad(x, loss)  # warm-up
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+        for i, size in enumerate(CANDIDATE_BATCHES):
+            if on_candidate is not None:
+                on_candidate(i, size)
+            rate = self._rate(card, model, size)
+            if rate > best_rate * 1.05:
+                best, best_rate = size, rate
+            elif rate < best_rate * 0.8:
+                break
+        model.reset_counters()
+        self.calibrations += 1
+        log.info("%s on %s: chunk size %d (%.0f images/s forward+backward)", card.ref,
+                 self.device, best, best_rate)
+        known_sizes = self._read_tuning()
+        known_sizes[self.tuning_key(card)] = best
+        self._write_tuning(known_sizes)
+        return best
+
+    def _rate(self, card: ModelCard, model: Classifier, size: int) -> float:
+        """Images per second of forward+backward at chunk ``size``: one warm-up pass, then up to three
+        timed ones (one when a pass takes more than a third of a second: slow models calibrate in
+        seconds, not minutes)."""
+        x = torch.rand(size, *card.input_shape, device=self.device)
+        y = torch.zeros(size, dtype=torch.int64, device=self.device)
+
+        def loss(logits: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+
+        def timed(passes: int) -> float:
             start = time.perf_counter()
-            for _ in range(3):
+            for _ in range(passes):
                 model.value_and_grad(x, loss)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            rate = 3 * size / (time.perf_counter() - start)
-            if rate > best_rate * 1.05:
-                best, best_rate = size, rate
-        model.reset_counters()
-        log.info("%s on %s: chunk size %d (%.0f images/s forward+backward)", card.ref,
-                 self.device, best, best_rate)
-        known[key] = best
-        self._write_tuning(known)
-        return best
+            return time.perf_counter() - start
+
+        warm_up = timed(1)
+        passes = 3 if warm_up < 1 / 3 else 1
+        return passes * size / timed(passes)
 
     def _read_tuning(self) -> dict[str, int]:
         if self.tuning_file is None or not self.tuning_file.is_file():
@@ -134,7 +169,7 @@ class ModelCache:
         if self.tuning_file is None:
             return
         self.tuning_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tuning_file.with_suffix(".tmp")
+        tmp = self.tuning_file.with_suffix(f".{os.getpid()}.tmp")  # workers may share the var dir
         tmp.write_text(json.dumps(known, indent=2, sort_keys=True))
         tmp.replace(self.tuning_file)
 

@@ -26,6 +26,9 @@ class Classifier:
     differentiable: bool = True  # false: some step's gradient is useless (BPDA or black box)
     queries: int = field(default=0, init=False)
     gradients: int = field(default=0, init=False)
+    # Chunks whose logits ``predict(..., remember=True)`` computed, with the version of their data.
+    _remembered: list[tuple[torch.Tensor, torch.Tensor, int]] = field(
+        default_factory=list, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -40,16 +43,36 @@ class Classifier:
         self.gradients = 0
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits without gradient tracking."""
+        """Logits without gradient tracking (a remembered chunk's without a forward pass)."""
+        self.queries += x.shape[0]
+        for chunk, logits, version in self._remembered:
+            # Same storage, place, layout and unmodified since (views share the version counter):
+            # the same values. The remembered chunk holds its storage, so the address is not reused.
+            if (x.data_ptr() == chunk.data_ptr() and x.shape == chunk.shape and x.stride() == chunk.stride()
+                    and x.dtype == chunk.dtype and x.device == chunk.device
+                    and x._version == version and chunk._version == version):
+                return logits.clone()
         with torch.no_grad():
-            self.queries += x.shape[0]
             return self.module(x)
 
-    def predict(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Logits for a large batch, computed in chunks of ``batch_size``."""
-        return torch.cat([self.logits(chunk) for chunk in x.split(batch_size)]) if len(x) else (
-            torch.empty(0, self.num_classes, device=x.device)
-        )
+    def predict(self, x: torch.Tensor, batch_size: int = 256, remember: bool = False) -> torch.Tensor:
+        """Logits for a large batch, computed in chunks of ``batch_size``.
+
+        ``remember``: until ``forget``, a ``logits`` call on one of these chunks (a kernel run on
+        ``x[start:start + batch_size]``, as ``workers.jobs.craft`` does) gets the same logits without
+        a forward pass: the job's clean predictions and the kernel's first forward are one pass.
+        """
+        if not len(x):
+            return torch.empty(0, self.num_classes, device=x.device)
+        chunks = x.split(batch_size)
+        logits = [self.logits(chunk) for chunk in chunks]
+        if remember:
+            self._remembered = [(c, out, c._version) for c, out in zip(chunks, logits, strict=True)]
+        return torch.cat(logits)
+
+    def forget(self) -> None:
+        """Drop what ``predict(..., remember=True)`` kept."""
+        self._remembered = []
 
     def value_and_grad(
         self, x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]
