@@ -34,6 +34,7 @@ from rq.utils import now
 from rq.worker import Worker
 
 from history.recording import record_finished
+from workers import telemetry
 from workers.errors import ALIVE_KEY, JobFailure
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,9 @@ class HeartbeatWorker(SimpleWorker):
     run, whose dead peers' jobs are run again (``retries`` times), and which drains on SIGTERM."""
 
     def __init__(self, queues: list[Queue], *, heartbeat_ttl: int, retries: int, result_ttl: int,
-                 **kwargs: Any) -> None:
+                 queue_prefix: str = "", **kwargs: Any) -> None:
         super().__init__(queues, worker_ttl=heartbeat_ttl, **kwargs)
+        self.metrics_key = telemetry.metrics_key(queue_prefix)
         self.heartbeat_ttl = heartbeat_ttl
         self.retries = retries
         self.result_ttl = result_ttl
@@ -163,6 +165,7 @@ class HeartbeatWorker(SimpleWorker):
         if job.retries_left:
             log.warning("%s: worker %s lost on attempt %d; running it again (%d retries left)",
                         job.id, job.worker_name, attempts, job.retries_left)
+            telemetry.record_retry(self.connection, self.metrics_key, job)
             return True
         error = {"code": "worker-lost",
                  "message": f"the worker running it ({job.worker_name}) stopped sending heartbeats (killed "
@@ -172,6 +175,8 @@ class HeartbeatWorker(SimpleWorker):
         job.save_meta()
         fail_audit(self.connection, job, error, self.result_ttl)
         record_finished(job)
+        telemetry.record_end(self.connection, self.metrics_key, job, "worker-lost",
+                             telemetry.seconds_since_start(job))
         return True
 
     # --- retries and draining -------------------------------------------------------------------
@@ -183,9 +188,11 @@ class HeartbeatWorker(SimpleWorker):
         if job.meta["attempts"] > 1:
             job.meta["progress"] = 0.0
             log.info("%s: attempt %d", job.id, job.meta["attempts"])
-        super().prepare_job_execution(job, remove_from_intermediate_queue)
+        # Stored before RQ marks the job started: a worker killed in between the two used to leave
+        # a started job without retries, which the registry cleanup then failed at once.
         self.connection.hset(job.key, "retries_left", job.retries_left)
         job.save_meta()
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """SIGTERM/SIGINT: take no new job, and requeue the running one at its next chunk."""

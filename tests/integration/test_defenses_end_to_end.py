@@ -148,10 +148,17 @@ def test_cancel_a_training_job(service: httpx.Client) -> None:
     assert service.get("/v1/models/e2e-canceled").status_code == 404
 
 
-def test_a_worker_killed_during_training_leaves_no_model(redis_url: str, tmp_path: Path) -> None:
+def test_a_worker_killed_during_training_leaves_no_model(redis_url: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A separate gateway + worker pair (own queues, own registry), so that killing the worker
-    does not disturb the module's service."""
-    running = start_service(redis_url, tmp_path / "var", queue_prefix="kill-", worker_name="doomed")
+    does not disturb the module's service. No retry (a retried training that finishes is
+    tests/integration/test_faults.py's) and a short heartbeat: the job fails as worker-lost once
+    the dead worker's liveness key expires (two heartbeat TTLs)."""
+    monkeypatch.setenv("ADVERSA_JOB_RETRIES", "0")
+    monkeypatch.setenv("ADVERSA_HEARTBEAT_TTL_S", "6")
+    # queues of this run only: a job an earlier, interrupted run left queued is not this worker's
+    running = start_service(redis_url, tmp_path / "var", queue_prefix=f"kill-{os.getpid()}-",
+                            worker_name="doomed")
     try:
         client = running.client
         job_id = defend(client, {"model": "fmnist-cnn", "output": "e2e-killed", "defense": {
