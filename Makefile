@@ -7,19 +7,20 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: run test lint unit models reproduce bench data browser postgres redis-server install clean
+.PHONY: run test lint unit models reproduce bench data browser postgres redis-server install clean client
 
 run: install data
 	$(BIN)/adversa serve
 
+# The S3 store's tests need no target here: tests/s3server.py starts moto's S3 server from the venv.
 test: install data browser postgres redis-server
-	$(BIN)/ruff check service workers models history tests bench
+	$(BIN)/ruff check service workers models history tests bench contracts client
 	$(BIN)/mypy
 	$(BIN)/python -c "import sys, service.app, service.cli; assert 'torch' not in sys.modules, 'gateway imported torch'"
 	bash tests/run.sh
 
 lint: install
-	$(BIN)/ruff check service workers models history tests bench
+	$(BIN)/ruff check service workers models history tests bench contracts client
 	$(BIN)/mypy
 
 # The hosted defended models are made by the defense jobs' own code from the retrained fmnist-cnn
@@ -59,6 +60,13 @@ bench: install data $(BENCH_STAMP)
 	$(BIN)/python -m bench.summary
 
 install: $(STAMP)
+
+# The torch-free client alone in its own venv (client-venv/bin/adversa-client; see the README).
+client:
+	@test -x client-venv/bin/python || $(PYTHON) -m venv client-venv
+	client-venv/bin/pip install --quiet ./contracts ./client
+	client-venv/bin/adversa-client --version
+
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

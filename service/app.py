@@ -17,11 +17,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from history.store import HistoryStore
 from models.datasets import DataCatalog
 from models.manifest import CardIndex, GeneratorIndex
-from models.store import FileStore
+from models.store import open_store
 from service import docs_ui, errors
 from service.errors import Problem, problem_response
 from service.forms import JsonDepthLimit
-from service.metrics import instrument
+from service.limits import TeamLimits
+from service.metrics import Instrument, registry_for
 from service.openapi import document_problems
 from service.queueing import Queues
 from service.routes import (
@@ -38,6 +39,7 @@ from service.routes import (
     oip,
 )
 from service.settings import Settings
+from service.ui import pages as ui_pages
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -107,23 +109,26 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.redis = redis or Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
     app.state.history = HistoryStore(settings.history_database_url)  # migrated on first use
-    app.state.queues = Queues(app.state.redis, settings, app.state.history)
+    app.state.queues = Queues(app.state.redis, settings, app.state.history,
+                              TeamLimits(app.state.redis, settings))
+    app.state.metrics = registry_for(app.state.queues)  # scraped with the process-wide instruments
     app.state.index = CardIndex.default([settings.models_root])
     app.state.generators = GeneratorIndex([settings.generators_root])
-    app.state.store = FileStore(settings.blob_root)
+    app.state.store = open_store(settings)
     app.state.data = DataCatalog(settings.data_dir, settings.datasets_root, app.state.store)
     errors.install(app)
-    app.middleware("http")(instrument)
     for module in (health, oip, models, datasets, infer, generators, attacks, defenses, audits, jobs, history):
         app.include_router(module.router)
     docs_ui.install(app)
+    ui_pages.install(app)  # /ui: the web pages, and GET /v1/audits/{id}/report-link
     app.add_middleware(JsonDepthLimit)  # inside BodyLimit: it reads bodies already bounded
     # multipart framing and the card travel beside the file: 1 MiB of slack
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
                        uploads={"/v1/models": settings.max_model_bytes + 2**20,
                                 "/v1/datasets": settings.max_dataset_bytes + 2**20})
     app.add_middleware(oip.BinaryBodies)  # outside JsonDepthLimit: raw tensors are not JSON
-    app.add_middleware(oip.OIPErrors)  # outermost: /v2 errors in the protocol's shape, whoever raised them
+    app.add_middleware(oip.OIPErrors)  # /v2 errors in the protocol's shape, whoever raised them
+    app.add_middleware(Instrument)  # outermost: counts every answer, the middlewares' too
     _document_hand_read_bodies(app)
     document_problems(app)  # after every route and schema: it lists what each can answer
     return app

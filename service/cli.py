@@ -24,9 +24,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from workers.audit.gate import GateError, GateLine, evaluate_gate, parse_eps, parse_gate
-from workers.audit.intervals import text as interval_text
-from workers.audit.junit import junit_error, junit_xml
+from contracts.gate import GateError, GateLine, evaluate_gate, parse_eps, parse_gate
+from contracts.intervals import text as interval_text
+from contracts.junit import junit_error, junit_xml
 
 app = typer.Typer(help="Adversa: adversarial-robustness service.", no_args_is_help=True)
 console = Console()
@@ -82,8 +82,8 @@ UrlOption = Annotated[str, typer.Option(envvar="ADVERSA_URL", metavar="URL",
 @models_app.command("list")
 def models_list() -> None:
     """List the models in the local registry (this machine's var directory)."""
+    from contracts.settings import CommonSettings
     from models.manifest import CardIndex
-    from workers.settings import CommonSettings
 
     index = CardIndex.default([CommonSettings().models_root])
     table = Table("name", "version", "architecture", "clean accuracy")
@@ -214,6 +214,7 @@ DATASET_LIMIT = 500
 class Suite(StrEnum):
     quick = "quick"
     standard = "standard"
+    autoattack = "autoattack"
     minimal = "minimal"
 
 
@@ -405,6 +406,14 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _difference(line: Mapping[str, Any]) -> str:
+    """A regression line's difference, marked ``*`` when it is larger than the noise."""
+    difference = line.get("difference")
+    if not isinstance(difference, int | float):
+        return "-"
+    return f"{difference:+.4f}{' *' if line.get('significant') else ''}"
+
+
 def _print_summary(result: Mapping[str, Any], gate: Mapping[str, Any] | None, report_url: str,
                    console: Console) -> None:
     title = f"audit of {result.get('model', '?')} (suite {result.get('suite', '?')}, n={result.get('n', '?')})"
@@ -437,11 +446,17 @@ def _print_summary(result: Mapping[str, Any], gate: Mapping[str, Any] | None, re
         if check.get("status") != "pass":
             console.print(f"[yellow]{escape(str(check.get('status')))}[/yellow] "
                           f"{escape(str(check.get('name')))}: {escape(str(check.get('evidence')))}")
+    if isinstance(baseline := result.get("baseline"), Mapping):
+        console.print(f"baseline: audit {escape(str(baseline.get('audit')))} of "
+                      f"{escape(str(baseline.get('model')))} ({escape(str(baseline.get('created_at')))})")
     if gate and gate.get("lines"):
-        lines = Table("gate line", "measured", "result", "detail")
+        compared = any(line.get("baseline") is not None for line in gate["lines"])
+        lines = Table("gate line", "measured", *(("baseline", "difference") if compared else ()), "result",
+                      "detail")
         for line in gate["lines"]:
             verdict = "[green]PASS[/green]" if line.get("passed") else "[red]FAIL[/red]"
-            lines.add_row(escape(str(line.get("expression"))), _fmt(line.get("value")), verdict,
+            extra = (_fmt(line.get("baseline_value")), _difference(line)) if compared else ()
+            lines.add_row(escape(str(line.get("expression"))), _fmt(line.get("value")), *extra, verdict,
                           escape(str(line.get("detail", ""))))
         console.print(lines)
         colour = "green" if gate.get("verdict") == "pass" else "red"
@@ -455,11 +470,25 @@ def _write(path: Path | None, data: bytes) -> None:
         path.write_bytes(data)
 
 
+def _report_link(client: httpx.Client, base: str, job_id: str,
+                 headers: dict[str, str]) -> dict[str, str] | None:
+    """A signed link to the audit's report for the CI log (``GET /v1/audits/{id}/report-link``);
+    None when the server has none to give (an older server) or does not answer."""
+    try:
+        response = client.get(f"{base}/v1/audits/{job_id}/report-link", headers=headers)
+        body = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    if isinstance(body, dict) and isinstance(body.get("url"), str) and isinstance(body.get("expires_at"), str):
+        return {"url": body["url"], "expires_at": body["expires_at"]}
+    return None
+
+
 def run_audit(client: httpx.Client, *, url: str, model: str, data: str, console: Console,
               offset: int = 0, limit: int | None = None, suite: str | None = None,
               attacks_file: Path | None = None, eps: Sequence[str] = (), gate: Sequence[str] = (),
               surrogates: Sequence[str] = (), seed: int | None = None, junit: Path | None = None,
-              json_out: Path | None = None, timeout: float = 3600, poll: float = 2,
+              json_out: Path | None = None, timeout: float = 3600, poll: float = 2, baseline: str | None = None,
               retry_delay: float = 1.0, sleep: Callable[[float], None] = time.sleep,
               clock: Callable[[], float] = time.monotonic) -> int:
     """Start an audit, follow it, print and write its report. Exit code: 0 the gate passed (or
@@ -487,6 +516,8 @@ def run_audit(client: httpx.Client, *, url: str, model: str, data: str, console:
             body["eps"] = _eps_grid(eps)
         body["thresholds"] = [line.expression for line in lines]
         body["surrogates"] = list(surrogates)
+        if baseline is not None:
+            body["baseline"] = baseline
         if seed is not None:
             body["seed"] = seed
         job = _submit(client, base, body, headers, console, retry_delay, sleep)
@@ -517,6 +548,9 @@ def run_audit(client: httpx.Client, *, url: str, model: str, data: str, console:
         result = {**result, "gate": report}
     report_url = f"{base}/v1/jobs/{job['id']}/artifacts/report.html"
     _print_summary(result, report, report_url, console)
+    if link := _report_link(client, base, str(job["id"]), headers):
+        console.print(f"report in a browser, no key needed (until {escape(link['expires_at'])}): "
+                      f"{escape(link['url'])}", soft_wrap=True)
     try:
         _write(json_out, json.dumps(job, indent=2).encode())
         _write(junit, junit_xml(result, suite_name, extra_properties={"job": job["id"], "report": report_url}))
@@ -548,6 +582,11 @@ def audit(
         metavar="EXPR", help="threshold, e.g. 'robust_accuracy@linf:8/255 >= 0.4' (repeatable)")] = None,
     surrogate: Annotated[list[str] | None, typer.Option(
         metavar="NAME", help="surrogate model for transfer attacks (repeatable)")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        metavar="AUDIT-ID|NAME@VERSION",
+        help="what `baseline` means in --gate lines ('robust_accuracy@linf:8/255 >= baseline - 0.01'): an "
+             "earlier audit id, or a model version whose latest audit on the same data, suite and eps grid "
+             "is used")] = None,
     junit: Annotated[Path | None, typer.Option(metavar="FILE", help="write a JUnit XML report here")] = None,
     json_out: Annotated[Path | None, typer.Option(
         "--json", metavar="FILE", help="write the job JSON here")] = None,
@@ -565,7 +604,7 @@ def audit(
         code = run_audit(client, url=url, model=model, data=data, console=console, offset=offset,
                          limit=limit, suite=suite.value if suite else None, attacks_file=attacks_file,
                          eps=eps or (), gate=gate or (), surrogates=surrogate or (), seed=seed,
-                         junit=junit, json_out=json_out, timeout=timeout, poll=poll)
+                         junit=junit, json_out=json_out, timeout=timeout, poll=poll, baseline=baseline)
     raise typer.Exit(code)
 
 

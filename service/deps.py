@@ -55,15 +55,19 @@ DataCatalogDep = Annotated[DataCatalog, Depends(get_data_catalog)]
 
 
 def get_team(request: Request, settings: SettingsDep) -> str:
-    """The caller's team from ``Authorization: Bearer <key>``; 'public' when auth is off."""
-    if not settings.api_keys:
-        return PUBLIC_TEAM
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    team = settings.api_keys.get(key.strip()) if scheme.lower() == "bearer" else None
+    """The caller's team from ``Authorization: Bearer <key>``; 'public' when auth is off. Counts
+    the request against the team's rate limit (429 over it)."""
+    team: str | None = PUBLIC_TEAM
+    if settings.api_keys:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        team = settings.api_keys.get(key.strip()) if scheme.lower() == "bearer" else None
     if team is None:
         raise Problem(401, "expected header 'Authorization: Bearer <key>' with a known API key",
                       code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    limits = get_queues(request).limits
+    if limits is not None:
+        limits.check_rate(team)
     return team
 
 

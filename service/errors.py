@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from workers.specs import ATTACK_NAMES
+from contracts.specs import ATTACK_NAMES
+from models.store import BlobStoreUnavailable
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -142,6 +143,11 @@ def install(app: FastAPI) -> None:
     async def _redis(request: Request, exc: RedisError) -> JSONResponse:
         log.warning("Redis failed on %s: %s", request.url.path, exc)
         return problem_response(unavailable("the job queue (Redis)", exc), request.url.path)
+
+    @app.exception_handler(BlobStoreUnavailable)
+    async def _store(request: Request, exc: BlobStoreUnavailable) -> JSONResponse:
+        log.warning("blob store failed on %s: %s", request.url.path, exc)
+        return problem_response(unavailable("the blob store", exc), request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

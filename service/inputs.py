@@ -16,6 +16,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 from PIL import Image, UnidentifiedImageError
 
+from contracts.specs import ArrayInputs, DatasetInputs, ImageInputs
 from models.datasets import (
     DataCatalog,
     DataError,
@@ -26,7 +27,6 @@ from models.datasets import (
 )
 from models.manifest import ModelCard
 from service.errors import Problem, invalid
-from workers.specs import ArrayInputs, DatasetInputs, ImageInputs
 
 Image.MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -37,6 +37,13 @@ class Decoded:
 
     x: np.ndarray
     y: np.ndarray | None
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as .npy bytes, never pickled (what jobs carry and workers read)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def b64decode(field: str, text: str) -> bytes:

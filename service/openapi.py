@@ -51,7 +51,9 @@ WHY = {
     413: "body, upload, input count or team quota too large",
     415: "unsupported content type or file format",
     422: "invalid input; `errors` names each field and what was expected",
-    429: "team quota reached",
+    429: "a team limit reached: stored models or data sets, request rate (`ADVERSA_RATE_LIMIT`), "
+         "active or queued jobs (`ADVERSA_MAX_ACTIVE_JOBS_PER_TEAM`, `ADVERSA_MAX_QUEUED_JOBS_PER_TEAM`); "
+         "`Retry-After` says when to retry a rate or job limit",
     503: f"a dependency (Redis, the history database, a data set's files) is unavailable; "
          f"retry after `Retry-After` seconds ({RETRY_AFTER_S})",
     504: "no worker answered within the prediction timeout",
@@ -89,6 +91,7 @@ ROUTE_ANSWERS: dict[tuple[str, str], set[int]] = {
     ("delete", "/v1/jobs/{job_id}"): {409, QUEUE_DOWN},
     ("get", "/v1/jobs/{job_id}/artifacts/{name}"): {409, QUEUE_DOWN},
     ("get", "/v1/models/{name}/audits"): {503},
+    ("get", "/v1/audits/{job_id}/report-link"): {409, QUEUE_DOWN},
 }
 
 
@@ -103,7 +106,7 @@ def answers(method: str, path: str, operation: dict[str, Any]) -> set[int]:
     if "path" in params:
         statuses.add(404)
     if path.startswith(("/v1/", "/v2/")):
-        statuses.add(401)
+        statuses |= {401, 429}  # the caller's team: its key, and its request rate (service/limits.py)
     if JOB_CREATED in operation.get("responses", {}) and method == "post":
         # validated against registry and data (404, 503 for a hosted set's missing files), then
         # queued under an optional Idempotency-Key (409) on Redis (503)
@@ -120,7 +123,7 @@ def _response(status: int, path: str) -> dict[str, Any]:
     media, name = ("application/json", "InferenceError") if oip else (PROBLEM, "Problem")
     content = {media: {"schema": {"$ref": f"#/components/schemas/{name}"}}}
     response: dict[str, Any] = {"description": WHY.get(status, TITLES.get(status, "error")), "content": content}
-    if status == 503:
+    if status in (429, 503):
         response["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
                                                "schema": {"type": "integer"}}}
     if status == 401:
@@ -165,6 +168,13 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     methods = {method.upper() for template, operations in app.openapi().get("paths", {}).items()
                if _template(template).fullmatch(path) for method in operations if method in METHODS}
     return sorted(methods)
+
+
+def path_template(app: FastAPI, path: str) -> str | None:
+    """The document's template that ``path`` falls under (the most literal one when several do),
+    or None."""
+    matches = [template for template in app.openapi().get("paths", {}) if _template(template).fullmatch(path)]
+    return min(matches, key=lambda template: (template.count("{"), template)) if matches else None
 
 
 def document_problems(app: FastAPI) -> None:

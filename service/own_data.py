@@ -9,10 +9,10 @@ the 422 says so instead of silently training an RGB model on grey Fashion-MNIST.
 
 from __future__ import annotations
 
+from contracts.specs import DatasetInputs
 from models.datasets import DataCatalog, DataError, DataRef, parse_data_ref
 from models.manifest import ModelCard
 from service.errors import invalid
-from workers.specs import DatasetInputs
 
 
 def own_split(catalog: DataCatalog, card: ModelCard, split: str, team: str) -> str | None:

@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Dependency, Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
+from contracts.errors import ALIVE_KEY, CANCEL_KEY
+from contracts.settings import CommonSettings
+from contracts.specs import JobError, JobState, JobView
 from history.recording import record_canceled, record_queued
 from history.store import HistoryStore
-from workers.errors import ALIVE_KEY, CANCEL_KEY
-from workers.settings import CommonSettings
-from workers.specs import JobError, JobState, JobView
+from service.limits import TeamLimits
 
+log = logging.getLogger(__name__)
 IDEMPOTENCY_KEY = "adversa:idem:{}:{}"
 QUEUE_NAMES = ("predict", "attacks", "defenses", "audits")
 
@@ -31,6 +35,19 @@ class Queues:
     redis: Redis
     settings: CommonSettings
     history: HistoryStore | None = None
+    limits: TeamLimits | None = None
+
+    def admit(self, team: str, job_id: str, *, counted: bool = True) -> None:
+        """Refuse (429) a submission over its team's job limits; see ``service.limits``."""
+        if self.limits is not None:
+            self.limits.admit(team, job_id, counted=counted)
+
+    def release(self, team: str, job_id: str) -> None:
+        """An admitted submission that was not queued after all. Redis failing here leaves the
+        reservation to expire (``service.limits.RESERVATION_GRACE_S``) and the first error to tell."""
+        if self.limits is not None:
+            with contextlib.suppress(RedisError):
+                self.limits.release(team, job_id)
 
     def queue(self, name: str) -> Queue:
         return Queue(self.settings.queue_name(name), connection=self.redis,
@@ -45,6 +62,11 @@ class Queues:
             result_ttl=result_ttl or self.settings.result_ttl_s,
             failure_ttl=self.settings.result_ttl_s, depends_on=depends_on,
         )
+        if self.limits is not None and "team" in meta:
+            try:
+                self.limits.track(meta["team"], job.id)
+            except RedisError as exc:  # the job is queued: it only waits uncounted
+                log.warning("%s: not counted in its team's queue length: %s", job.id, exc)
         if self.history is not None:
             record_queued(self.history, job)
         return job

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from limits import parse_many
+from pydantic import Field, field_validator
 
-from workers.settings import CommonSettings
+from contracts.settings import CommonSettings
 
 
 class Settings(CommonSettings):
@@ -32,3 +33,28 @@ class Settings(CommonSettings):
     max_dataset_ratio: float = Field(default=200.0, ge=1, description="expanded / compressed size of an "
                                                                         "archive member (zip bombs)")
     max_datasets_per_team: int = Field(default=100, ge=0, description="data-set versions a team may hold")
+    # The web pages (service/ui): browser sessions and signed report links.
+    ui_secret: str | None = Field(default=None, min_length=32, description="key that signs /ui session "
+                                  "cookies and report links; unset: generated once into the var dir")
+    ui_session_ttl_s: int = Field(default=12 * 3600, ge=60, description="a /ui login lasts this long")
+    report_link_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600,
+                                   description="a signed report link opens its report for this long")
+    # Limits per team (service/limits.py): over one, 429 with Retry-After.
+    rate_limit: str = Field(default="", description="requests per team on the /v1 and /v2 routes, in "
+                            "the `limits` notation ('600/minute', '10/second;600/minute'); empty: no limit")
+    max_active_jobs_per_team: int = Field(default=64, ge=1, description="a team's jobs queued or running "
+                                          "(an audit is one job; predictions are not counted)")
+    max_queued_jobs_per_team: int = Field(default=1000, ge=1, description="a team's entries waiting on the "
+                                          "queues (each audit chunk and prediction is one); a submission is "
+                                          "refused while this many wait")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        if value.strip():
+            try:
+                parse_many(value)
+            except ValueError as exc:
+                raise ValueError(f"expected a rate such as '600/minute' or '10/second;600/minute', "
+                                 f"got {value!r}") from exc
+        return value.strip()

@@ -12,6 +12,9 @@ from redis import Redis
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+# Workers the tests start preload nothing unless a test asks (tests/integration/test_warm_path.py):
+# each starts in a fresh var dir, where preloading would calibrate every hosted model again.
+os.environ.setdefault("ADVERSA_PRELOAD", "none")
 
 
 @pytest.fixture(scope="session")

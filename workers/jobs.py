@@ -12,6 +12,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,11 +26,18 @@ from history.recording import record_finished
 from models.datasets import DataCatalog, DataError, DatasetMissingError, to_bounds
 from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from models.registry import ModelLoadError
-from models.store import BlobStore, FileStore
+from models.store import BlobStore, open_store
+from workers import telemetry
 from workers.artifacts import csv_bytes, grid_png, npy_bytes
 from workers.attacks.base import Norm, project
 from workers.attacks.catalog import KERNELS
-from workers.cache import GeneratorCache, ModelCache, UnknownGeneratorError, UnknownModelError
+from workers.cache import (
+    CANDIDATE_BATCHES,
+    GeneratorCache,
+    ModelCache,
+    UnknownGeneratorError,
+    UnknownModelError,
+)
 from workers.classifier import Classifier
 from workers.defenses.squeeze import squeeze_logits_and_scores
 from workers.device import pick_device
@@ -64,7 +72,7 @@ def make_context(settings: WorkerSettings) -> Context:
                        settings.var_dir / "batch_sizes.json")
     generators = GeneratorCache(GeneratorIndex([settings.generators_root]), device,
                                 settings.model_cache_size)
-    store = FileStore(settings.blob_root)
+    store = open_store(settings)
     data = DataCatalog(settings.data_dir, settings.datasets_root, store)
     return Context(settings, store, cache, generators, data)
 
@@ -103,6 +111,7 @@ def entry(payload: dict[str, Any], schema: type[SpecT], body: Callable[[SpecT, J
     a failed one is not retried (a retry is for a lost worker), and a failed audit chunk stops
     the audit's other chunks."""
     job = get_current_job()
+    start = time.monotonic()
     try:
         _check_cancel(job)
         try:
@@ -114,6 +123,7 @@ def entry(payload: dict[str, Any], schema: type[SpecT], body: Callable[[SpecT, J
         except UnknownModelError as exc:  # any model a job names that the registry does not hold
             raise JobFailure(str(exc), "unknown-model") from exc
         record_finished(job, result)  # the job's end, in the history database
+        _count_end(job, "succeeded", start)
         return result
     except Drained:
         raise
@@ -124,7 +134,15 @@ def entry(payload: dict[str, Any], schema: type[SpecT], body: Callable[[SpecT, J
             if not isinstance(exc, JobCanceled):  # a canceled audit cancels its chunks itself
                 fail_audit(job.connection, job, job.meta["error"], context().settings.result_ttl_s)
         record_finished(job)
+        _count_end(job, "canceled" if isinstance(exc, JobCanceled) else "failed", start)
         raise
+
+
+def _count_end(job: Job | None, outcome: str, start: float) -> None:
+    """The job's outcome and duration, for the gateway's /metrics (``workers.telemetry``)."""
+    if job is not None:
+        telemetry.record_end(job.connection, telemetry.metrics_key(context().settings.queue_prefix),
+                             job, outcome, time.monotonic() - start)
 
 
 def _check_cancel(job: Job | None) -> None:
@@ -289,44 +307,54 @@ def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
     device = model.device
     x_np, y_np = load_inputs(spec, ctx.store, ctx.data, card)
     x = torch.from_numpy(x_np).to(device)
-    batch_size = spec.batch_size or ctx.cache.batch_size(attacker_card, attacker)
+    batch_size, batch_source = job_batch_size(ctx.cache, attacker_card, attacker, spec.batch_size, job)
     attacker.reset_counters()
-    clean_logits = model.predict(x, batch_size)
-    clean_pred = clean_logits.argmax(dim=1)
-    attacker_logits = clean_logits if attacker is model else attacker.predict(x, batch_size)
-    labels_given = y_np is not None
-    y = torch.from_numpy(y_np).to(device) if y_np is not None else clean_pred.clone()
-    generator = torch.Generator(device=device).manual_seed(spec.seed)
-    loaded = load_attack(spec.attack, ctx, attacker_card, y)
-    targets = loaded.targets if loaded.targets is not None else choose_targets(
-        spec.attack, attacker_logits, y, card.num_classes, generator)
-    log.info("%s: %s on %s (crafted on %s), %d inputs, chunks of %d", spec.job_id,
-             spec.attack.name, card.ref, attacker_card.ref, x.shape[0], batch_size)
+    try:
+        # Remembered: the kernel's first forward on each chunk is this one (see Classifier.predict).
+        clean_logits = model.predict(x, batch_size, remember=attacker is model)
+        clean_pred = clean_logits.argmax(dim=1)
+        attacker_logits = clean_logits if attacker is model else attacker.predict(x, batch_size, remember=True)
+        labels_given = y_np is not None
+        y = torch.from_numpy(y_np).to(device) if y_np is not None else clean_pred.clone()
+        generator = torch.Generator(device=device).manual_seed(spec.seed)
+        loaded = load_attack(spec.attack, ctx, attacker_card, y)
+        targets = loaded.targets if loaded.targets is not None else choose_targets(
+            spec.attack, attacker_logits, y, card.num_classes, generator)
+        log.info("%s: %s on %s (crafted on %s), %d inputs, chunks of %d", spec.job_id,
+                 spec.attack.name, card.ref, attacker_card.ref, x.shape[0], batch_size)
 
-    def on_chunk(stop: int) -> None:
+        def on_chunk(stop: int) -> None:
+            _check_cancel(job)
+            _progress(job, stop / x.shape[0], processed=stop, stage={"phase": "attacking"})
+            log.info("%s: %d/%d done", spec.job_id, stop, x.shape[0])
+
         _check_cancel(job)
-        _progress(job, stop / x.shape[0], processed=stop)
-        log.info("%s: %d/%d done", spec.job_id, stop, x.shape[0])
-
-    _check_cancel(job)
-    x_adv, queries, gradients = craft(attacker, x, y, spec.attack, batch_size, generator,
-                                      targets, on_chunk, loaded.spec_fields)
+        _progress(job, 0.0, stage={"phase": "attacking"})
+        x_adv, queries, gradients = craft(attacker, x, y, spec.attack, batch_size, generator,
+                                          targets, on_chunk, loaded.spec_fields)
+    finally:
+        attacker.forget()
+    _progress(job, 1.0, stage={"phase": "scoring"})
     minimal = spec.attack.name in MINIMAL_ATTACKS
-    ev = evaluate(model, x, y, x_adv, clean_pred, targets, batch_size)
-    ball = attack_ball(spec.attack, loaded.spec_fields)
-    x_q, ball_info = quantize_for_client(x_adv, x, card.bounds, ball)
-    ev_q = evaluate(model, x, y, x_q, clean_pred, targets, batch_size)
-    scores = summarize(ev, y, clean_pred, labels_given, minimal)
-    scores["gradient_calls"] = float(gradients.double().mean())
-    scores["queries"] = float(queries.double().mean())
-    scores["quantized"] = {**summarize(ev_q, y, clean_pred, labels_given, minimal), "ball": ball_info}
-    if attacker is not model:
-        scores["transfer"] = transfer_scores(attacker, attacker_card.ref, x, y, x_adv,
-                                             attacker_logits.argmax(dim=1), clean_pred, targets,
-                                             ev, batch_size)
-
-    artifacts = _write_artifacts(ctx.store, spec.job_id, card, x, y, x_adv, clean_pred, targets,
-                                 ev, ev_q, queries, gradients)
+    # The images' artifacts are encoded and stored while the scores are computed (PNG and .npy
+    # encoding and the store's I/O mostly release the GIL).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"artifacts-{spec.job_id}") as pool:
+        images = pool.submit(_write_images, ctx.store, spec.job_id, card, x, x_adv)
+        ev = evaluate(model, x, y, x_adv, clean_pred, targets, batch_size)
+        ball = attack_ball(spec.attack, loaded.spec_fields)
+        x_q, ball_info = quantize_for_client(x_adv, x, card.bounds, ball)
+        ev_q = evaluate(model, x, y, x_q, clean_pred, targets, batch_size)
+        scores = summarize(ev, y, clean_pred, labels_given, minimal)
+        scores["gradient_calls"] = float(gradients.double().mean())
+        scores["queries"] = float(queries.double().mean())
+        scores["quantized"] = {**summarize(ev_q, y, clean_pred, labels_given, minimal), "ball": ball_info}
+        if attacker is not model:
+            scores["transfer"] = transfer_scores(attacker, attacker_card.ref, x, y, x_adv,
+                                                 attacker_logits.argmax(dim=1), clean_pred, targets,
+                                                 ev, batch_size)
+        table = _write_samples(ctx.store, spec.job_id, y, clean_pred, targets, ev, ev_q, queries,
+                               gradients)
+        artifacts = [*images.result(), table]
     return {
         "scores": scores,
         "artifacts": artifacts,
@@ -336,8 +364,31 @@ def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
         **({"generator": generator_summary(loaded.generator)} if loaded.generator is not None else {}),
         "seed": spec.seed,
         "batch_size": batch_size,
+        "batch_size_source": batch_source,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def job_batch_size(cache: ModelCache, card: ModelCard, model: Classifier, requested: int | None,
+                   job: Job | None) -> tuple[int, str]:
+    """The chunk size a job runs ``model`` at, and where it came from: ``job`` (the job asked for
+    it), ``remembered`` (chosen at registration or by an earlier calibration of this model version
+    on this device, e.g. when the worker preloaded it) or ``calibrated`` (measured now: the job's
+    ``stage`` says ``calibrating`` meanwhile, with the candidate size being timed)."""
+    if requested is not None:
+        return requested, "job"
+    known = cache.known_batch_size(card)
+    if known is not None:
+        return known, "remembered"
+
+    def on_candidate(i: int, size: int) -> None:
+        _check_cancel(job)
+        _progress(job, 0.0, stage={"phase": "calibrating", "model": card.ref, "batch_size": size,
+                                   "candidate": i + 1, "candidates": len(CANDIDATE_BATCHES)})
+
+    if job is not None:
+        log.info("%s: calibrating the chunk size of %s on %s", job.id, card.ref, cache.device)
+    return cache.batch_size(card, model, on_candidate), "calibrated"
 
 
 def attack_ball(attack: Any, loaded: Mapping[str, Any] | None = None) -> tuple[float, Norm] | None:
@@ -391,16 +442,24 @@ def _rate(hits: torch.Tensor, among: torch.Tensor) -> float | None:
     return float((hits & among).sum()) / total if total else None
 
 
-def _write_artifacts(
-    store: BlobStore, job_id: str, card: ModelCard, x: torch.Tensor, y: torch.Tensor,
-    x_adv: torch.Tensor, clean_pred: torch.Tensor, targets: torch.Tensor | None, ev: Any,
-    ev_q: Any, queries: torch.Tensor, gradients: torch.Tensor,
-) -> list[str]:
+def _write_images(store: BlobStore, job_id: str, card: ModelCard, x: torch.Tensor,
+                  x_adv: torch.Tensor) -> list[str]:
+    """Store ``adversarial.npy`` and ``grid.png``; their names."""
     x_np, adv_np = x.cpu().numpy(), x_adv.cpu().numpy()
     files = {
         "adversarial.npy": npy_bytes(adv_np.astype(np.float32)),
         "grid.png": grid_png(x_np, adv_np, card.bounds),
     }
+    for name, data in files.items():
+        store.put(f"jobs/{job_id}/{name}", data)
+    return list(files)
+
+
+def _write_samples(
+    store: BlobStore, job_id: str, y: torch.Tensor, clean_pred: torch.Tensor,
+    targets: torch.Tensor | None, ev: Any, ev_q: Any, queries: torch.Tensor, gradients: torch.Tensor,
+) -> str:
+    """Store the per-sample table ``samples.csv``; its name."""
     header = ["index", "label", "target", "clean_pred", "adv_pred", "success", "quantized_pred",
               "quantized_success", "linf", "l2", "l0", "confidence", "queries", "gradients"]
     cols = [y, targets if targets is not None else torch.full_like(y, -1), clean_pred,
@@ -408,16 +467,14 @@ def _write_artifacts(
             ev.confidence, queries, gradients]
     lists = [c.cpu().tolist() for c in cols]
     rows = []
-    for i in range(x.shape[0]):
+    for i in range(y.shape[0]):
         row: list[object] = [i]
         for values in lists:
             value = values[i]
             row.append(f"{value:.6g}" if isinstance(value, float) else int(value))
         rows.append(row)
-    files["samples.csv"] = csv_bytes(header, rows)
-    for name, data in files.items():
-        store.put(f"jobs/{job_id}/{name}", data)
-    return list(files)
+    store.put(f"jobs/{job_id}/samples.csv", csv_bytes(header, rows))
+    return "samples.csv"
 
 
 # --- predict ---------------------------------------------------------------------------------

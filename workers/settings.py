@@ -1,70 +1,31 @@
-"""Settings shared by the gateway and the workers (torch-free), read from the environment."""
+"""The workers' settings; those the gateway shares are ``contracts.settings.CommonSettings``
+(re-exported here)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from pydantic import Field
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from contracts.settings import CommonSettings
 
-
-class CommonSettings(BaseSettings):
-    """Where Redis, the blob store, the registry and the data live. Environment prefix ``ADVERSA_``;
-    ``REDIS_URL`` is read as is."""
-
-    model_config = SettingsConfigDict(env_prefix="ADVERSA_", extra="ignore")
-
-    redis_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("REDIS_URL", "ADVERSA_REDIS_URL")
-    )
-    var_dir: Path = Path("var")
-    data_dir: str | None = None
-    job_timeout_s: int = Field(default=3600, ge=10)
-    result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
-    queue_prefix: str = Field(default="", pattern=r"^[a-z0-9-]*$")
-    max_model_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024,
-                                 description="largest uploaded model file (ViT-B/16 weights: 330 MB)")
-    max_parameters: int = Field(default=400_000_000, ge=1, description="parameters of an uploaded model")
-    max_input_values: int = Field(default=3 * 1024 * 1024, ge=1,
-                                  description="C x H x W of an uploaded model's input")
-    max_models_per_team: int = Field(default=50, ge=0, description="model versions a team may hold")
-    max_model_bytes_per_team: int = Field(default=8 * 1024**3, ge=0,
-                                          description="bytes of model files a team may hold")
-    registration_timeout_s: int = Field(default=1800, ge=60)
-    job_retries: int = Field(default=2, ge=0, description="times a job whose worker died (killed, machine "
-                             "gone) is run again before it fails with `worker-lost`")
-    heartbeat_ttl_s: int = Field(default=15, ge=4, description="a worker whose last heartbeat is older is "
-                                 "dead: its job is run again, its name is free, /readyz stops counting it")
-    drain_timeout_s: int = Field(default=300, ge=1, description="how long `serve` waits on SIGTERM for its "
-                                 "workers to finish or requeue their job before killing them")
-    history_url: str | None = Field(default=None, description="the history database (SQLAlchemy URL, "
-                                    "sqlite:/// or postgresql://); default: SQLite in the var dir")
-
-    @property
-    def history_database_url(self) -> str:
-        return self.history_url or f"sqlite:///{(self.var_dir / 'history.db').resolve()}"
-
-    @property
-    def blob_root(self) -> Path:
-        return self.var_dir / "blobs"
-
-    @property
-    def models_root(self) -> Path:
-        return self.var_dir / "models"
-
-    @property
-    def generators_root(self) -> Path:
-        return self.var_dir / "generators"
-
-    @property
-    def datasets_root(self) -> Path:
-        return self.var_dir / "datasets"
-
-    def queue_name(self, name: str) -> str:
-        return f"{self.queue_prefix}{name}"
+__all__ = ["CommonSettings", "WorkerSettings"]
 
 
 class WorkerSettings(CommonSettings):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     model_cache_size: int = Field(default=4, ge=1)
     queues: list[str] = ["predict", "attacks", "defenses", "audits"]
+    torch_threads: int | None = Field(default=None, ge=1, le=1024, description="torch intra-op threads "
+                                      "of a worker (torch.set_num_threads); unset: torch's default, one "
+                                      "per core. Several workers on one machine: cores / workers each")
+    preload: str = Field(default="hosted", pattern=r"^[A-Za-z0-9@:._,-]*$", description="models a worker "
+                         "loads and calibrates before it takes jobs: `hosted` (the hosted models, at "
+                         "most model_cache_size), `none`, or references separated by commas")
+
+    @property
+    def preload_refs(self) -> list[str] | None:
+        """The models to preload; None: the hosted ones."""
+        if self.preload == "hosted":
+            return None
+        if self.preload in ("", "none"):
+            return []
+        return [ref for ref in self.preload.split(",") if ref]

@@ -15,6 +15,24 @@ from pydantic import ValidationError
 from rq.job import Job
 from starlette.datastructures import UploadFile
 
+from contracts.specs import (
+    BLACK_BOX_ATTACKS,
+    JSMA_MAX_PAIR_FEATURES,
+    AdvGANParams,
+    APGDTParams,
+    ArrayInputs,
+    AttackJob,
+    AttackRequest,
+    CarliniWagnerL2Params,
+    DatasetInputs,
+    DeepFoolParams,
+    FABTParams,
+    HopSkipJumpParams,
+    ImageInputs,
+    InputRef,
+    JobView,
+    JSMAParams,
+)
 from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from service import inputs as inp
 from service.deps import (
@@ -32,23 +50,6 @@ from service.errors import Problem, invalid, validation_problem
 from service.forms import load_json
 from service.routes.accept import accept, request_digest
 from service.settings import Settings
-from workers.specs import (
-    BLACK_BOX_ATTACKS,
-    JSMA_MAX_PAIR_FEATURES,
-    AdvGANParams,
-    APGDTParams,
-    ArrayInputs,
-    AttackJob,
-    AttackRequest,
-    CarliniWagnerL2Params,
-    DatasetInputs,
-    DeepFoolParams,
-    HopSkipJumpParams,
-    ImageInputs,
-    InputRef,
-    JobView,
-    JSMAParams,
-)
 
 router = APIRouter(prefix="/v1/attacks", tags=["attacks"])
 
@@ -141,6 +142,9 @@ def check_attack(request: AttackRequest, card: ModelCard, n: int, labels: np.nda
         if attack.n_target_classes > card.num_classes - 1:
             raise invalid("attack.n_target_classes", f"expected at most {card.num_classes - 1}, "
                                                       f"got {attack.n_target_classes}")
+    if isinstance(attack, FABTParams) and attack.n_target_classes > card.num_classes - 1:
+        raise invalid("attack.n_target_classes", f"expected at most {card.num_classes - 1}, "
+                                                  f"got {attack.n_target_classes}")
     if isinstance(attack, JSMAParams) and attack.space == "logits" and (
         math.prod(card.input_shape) > JSMA_MAX_PAIR_FEATURES
     ):

@@ -12,15 +12,7 @@ import uuid
 from fastapi import APIRouter, Request, Response
 from rq.job import Job
 
-from models.datasets import DataCatalog
-from models.manifest import NAME_RE, CardIndex, ModelCard
-from service import inputs as inp
-from service.deps import DataCatalogDep, QueueDep, RegistryDep, SettingsDep, TeamDep, visible_card
-from service.errors import Problem, invalid
-from service.own_data import default_data, default_slices
-from service.routes.accept import accept, request_digest
-from service.settings import Settings
-from workers.specs import (
+from contracts.specs import (
     DEFENSE_SUFFIX,
     TRAINING_DEFENSES,
     DatasetInputs,
@@ -35,6 +27,14 @@ from workers.specs import (
     PGDTrainingParams,
     PreprocessingParams,
 )
+from models.datasets import DataCatalog
+from models.manifest import NAME_RE, CardIndex, ModelCard
+from service import inputs as inp
+from service.deps import DataCatalogDep, QueueDep, RegistryDep, SettingsDep, TeamDep, visible_card
+from service.errors import Problem, invalid
+from service.own_data import default_data, default_slices
+from service.routes.accept import accept, request_digest
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1/defenses", tags=["defenses"])
 

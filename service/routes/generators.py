@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from rq.job import Job
 
+from contracts.specs import DatasetInputs, GeneratorJob, GeneratorRequest, JobView
 from models.datasets import DataCatalog
 from models.manifest import NAME_RE, CardIndex, GeneratorIndex, ModelCard
 from models.publish import unpublish
@@ -31,7 +32,6 @@ from service.forms import exact_version
 from service.own_data import default_data
 from service.routes.accept import accept, request_digest
 from service.settings import Settings
-from workers.specs import DatasetInputs, GeneratorJob, GeneratorRequest, JobView
 
 router = APIRouter(prefix="/v1/attacks/generators", tags=["generators"])
 SUFFIX = "advgan"

@@ -12,11 +12,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, BeforeValidator, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from contracts.specs import JobError, JobState, JobView
 from history.store import TERMINAL, HistoryStore, InvalidCursor, JobFilter
 from service.deps import QueueDep, RegistryDep, TeamDep
 from service.errors import RETRY_AFTER_S, Problem
 from service.queueing import Queues, view
-from workers.specs import JobError, JobState, JobView
 
 router = APIRouter(tags=["history"])
 JobKind = Literal["attack", "audit", "defense", "generator", "registration"]

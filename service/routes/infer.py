@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -22,17 +23,16 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from rq.job import JobStatus
 
+from contracts.specs import PredictJob
 from models.manifest import CardIndex, ModelCard
 from service.deps import QueueDep, RegistryDep, SettingsDep, TeamDep
 from service.errors import Problem, invalid
 from service.forms import load_json
-from service.inputs import array_to_nchw, check_count
-from service.metrics import JOBS
+from service.inputs import array_to_nchw, check_count, npy_bytes
+from service.metrics import INFER, JOBS
 from service.queueing import Queues
 from service.routes.oip import REJECT_OUTPUTS, model_card, output_specs
 from service.settings import Settings
-from workers.artifacts import npy_bytes
-from workers.specs import PredictJob
 
 router = APIRouter(prefix="/v2/models", tags=["inference"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -207,6 +207,7 @@ def _predict(settings: Settings, queues: Queues, card: ModelCard, x: np.ndarray,
              team: str) -> dict[str, Any]:
     """Enqueue the prediction and wait for its answer; 504 after ``predict_timeout_s``."""
     job_id = uuid.uuid4().hex
+    queues.admit(team, job_id, counted=False)  # only the queue length bounds predictions
     payload = PredictJob(job_id=job_id, model=card.ref, array=base64.b64encode(npy_bytes(x)).decode(),
                          reject=reject, team=team if reject else None)
     job = queues.enqueue("predict", "workers.jobs.run_predict", payload.model_dump(),
@@ -270,6 +271,7 @@ def _answer(document: dict[str, Any], tensors: dict[str, tuple[str, np.ndarray]]
 
 def infer(name: str, version: str | None, body: tuple[bytes, str | None], settings: Settings,
           queues: Queues, index: CardIndex, team: str) -> Response:
+    start = time.perf_counter()  # adversa_infer_seconds: from the request's parsing to its answer
     card = model_card(index, name, version, team)
     request, raws = parse_request(*body)
     if request.model_name is not None and request.model_name != card.name:
@@ -284,7 +286,12 @@ def infer(name: str, version: str | None, body: tuple[bytes, str | None], settin
     wanted = _requested(request, card, reject)
     x = array_to_nchw("inputs[0]", decode_tensor("inputs[0]", request.inputs[0], raws[0]), card)
     check_count("inputs[0].shape", x.shape[0], settings.max_infer_inputs)
-    out = _predict(settings, queues, card, x, reject, team)
+    try:
+        out = _predict(settings, queues, card, x, reject, team)
+    except Problem as problem:
+        if problem.status in (503, 504):  # refused before queueing (429) is no prediction
+            INFER.labels("timeout" if problem.status == 504 else "failed").observe(time.perf_counter() - start)
+        raise
     document: dict[str, Any] = {"model_name": card.name, "model_version": str(card.version),
                                 "id": request.id or uuid.uuid4().hex}
     parameters = request.parameters.model_dump(exclude_unset=True) if request.parameters else {}
@@ -292,7 +299,9 @@ def infer(name: str, version: str | None, body: tuple[bytes, str | None], settin
         parameters |= {"detector": out["detector"], "threshold": out["threshold"]}
     if parameters:
         document["parameters"] = parameters
-    return _answer(document, _tensors(out, x.shape[0]), wanted)
+    answer = _answer(document, _tensors(out, x.shape[0]), wanted)
+    INFER.labels("succeeded").observe(time.perf_counter() - start)
+    return answer
 
 
 @router.post("/{name}/infer", openapi_extra=OPENAPI, response_model=None)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from rq.job import Job
 
+from contracts.specs import JobState, JobView
 from models.store import BlobNotFoundError
 from service.deps import JobIdPath, QueueDep, StoreDep, TeamDep
 from service.errors import Problem
 from service.queueing import Queues, view
 from service.routes.history import HistoryDep, recorded_view
-from workers.specs import JobState, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

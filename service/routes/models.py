@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 from rq.job import Job
 from starlette.datastructures import UploadFile
 
+from contracts.specs import JobView
 from models.catalog_names import NAMES as ARCHITECTURES
 from models.catalog_names import check_input
 from models.manifest import CARD_FILE, ModelCard, ModelUpload, RegistrationJob
@@ -27,7 +28,6 @@ from service.errors import Problem, invalid
 from service.forms import exact_version, parse_json_field, read_form
 from service.routes.accept import accept, request_digest
 from service.settings import Settings
-from workers.specs import JobView
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -129,6 +129,34 @@ def test_failing_jobs_end_failed_with_a_code(service: httpx.Client, redis_url: s
     assert service.get("/readyz").status_code == 200
 
 
+def test_metrics_of_jobs_run_by_a_worker(service: httpx.Client, redis_url: str) -> None:
+    """What the worker process records (outcome, duration) and the gateway's own infer latency
+    appear in the gateway's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    job_id = submit(service, {"model": "fmnist-cnn", "attack": {"name": "fgsm", "eps": 0.1},
+                              "inputs": {"dataset": "fashion-mnist:test", "limit": 8}})
+    Queue("attacks", connection=Redis.from_url(redis_url), serializer=JSONSerializer).enqueue_call(
+        "workers.jobs.run_attack", args=({"nonsense": 1},), job_id="metricsfail", timeout=60,
+        meta={"kind": "attack", "team": "public", "model": "fmnist-cnn@1"})
+    assert wait(service, job_id)["status"] == "succeeded"
+    assert wait(service, "metricsfail")["status"] == "failed"
+    x = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    infer = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    assert service.post("/v2/models/fmnist-cnn/infer", json=infer).status_code == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(service.get("/metrics").text) for s in f.samples}
+    count = "adversa_job_duration_seconds_count"
+    assert samples[count, (("kind", "attack"), ("outcome", "succeeded"))] >= 1
+    assert samples[count, (("kind", "attack"), ("outcome", "failed"))] >= 1
+    assert samples[count, (("kind", "predict"), ("outcome", "succeeded"))] >= 1
+    assert samples["adversa_job_duration_seconds_sum", (("kind", "attack"), ("outcome", "succeeded"))] > 0
+    assert samples["adversa_infer_seconds_count", (("outcome", "succeeded"),)] >= 1
+    assert samples["adversa_workers_live", ()] == 1
+    assert samples["adversa_requests_total", (("method", "GET"), ("route", "/v1/jobs/{job_id}"),
+                                              ("status", "200"))] >= 1
+
+
 def test_cancel_a_running_job(service: httpx.Client) -> None:
     job_id = submit(service, {
         "model": "fmnist-cnn",
