@@ -60,14 +60,14 @@ def worker(
     log_level: str = "info",
 ) -> None:
     """Run one worker (no fork per job, models kept warm) on the queues named in settings."""
-    from workers.main import die_with_parent as arm
-    from workers.main import run_worker
-    from workers.settings import WorkerSettings
+    # The gateway's one import of workers/ (tests/unit/test_layering.py names it): this command
+    # launches the worker process, torch and all, so it imports the worker here, when it runs.
+    from workers import main as launcher
 
     _logging(log_level)
     if die_with_parent:
-        arm()
-    run_worker(WorkerSettings(), burst=burst, name=name)
+        launcher.die_with_parent()
+    launcher.run_worker(launcher.WorkerSettings(), burst=burst, name=name)
 
 
 models_app = typer.Typer(help="Models: the local registry, and uploads to the service.",

@@ -149,7 +149,7 @@ class TeamLimits:
         active, queued = self._key(team, "active"), self._key(team, "queued")
         self._prune(active, waiting=False)
         self._prune(queued, waiting=True)
-        return int(self.redis.zcard(active)), int(self.redis.zcard(queued))
+        return int(cast(int, self.redis.zcard(active))), int(cast(int, self.redis.zcard(queued)))
 
     def _refusal(self, detail: str, code: str) -> Problem:
         return Problem(429, detail, code=code, headers={"Retry-After": str(JOB_LIMIT_RETRY_AFTER_S)})
@@ -163,7 +163,7 @@ class TeamLimits:
             return
         with self.redis.pipeline(transaction=False) as pipeline:
             for job_id, _ in members:
-                pipeline.hmget(Job.key_for(job_id), "status", "worker_name", "retries_left")
+                pipeline.hmget(Job.key_for(job_id), ["status", "worker_name", "retries_left"])
             rows = [[None if v is None else _text(v) for v in row] for row in pipeline.execute()]
         workers = sorted({str(row[1]) for row in rows if row[0] == "started" and row[1]})
         with self.redis.pipeline(transaction=False) as pipeline:

@@ -5,7 +5,7 @@ Two kinds of instrument:
   ``prometheus_client`` instruments updated as requests are answered;
 - ``ServiceCollector``, read at scrape time: queue depth and age of the head of each queue, running
   jobs, live workers, and the job durations, outcomes and retries that the workers record in Redis
-  (``workers.telemetry``). Each scrape costs a fixed number of Redis calls per queue plus one
+  (``contracts.telemetry``). Each scrape costs a fixed number of Redis calls per queue plus one
   ``HGETALL`` and one listing of the workers, whatever the number of jobs.
 """
 
@@ -26,10 +26,10 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contracts import telemetry
+from contracts.liveness import live_workers
 from service.openapi import path_template
 from service.queueing import QUEUE_NAMES, Queues
-from workers import telemetry
-from workers.liveness import live_workers
 
 log = logging.getLogger(__name__)
 

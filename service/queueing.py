@@ -8,7 +8,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -107,7 +107,7 @@ class Queues:
         name = IDEMPOTENCY_KEY.format(team, hashlib.sha256(key.encode()).hexdigest())
         if self.redis.set(name, f"{job_id}|{digest}", nx=True, ex=self.settings.result_ttl_s):
             return None
-        stored = self.redis.get(name)
+        stored = cast(bytes | str | None, self.redis.get(name))
         return stored.decode() if isinstance(stored, bytes) else stored
 
     def release_idempotency(self, team: str, key: str) -> None:

@@ -22,12 +22,12 @@ from pydantic import BaseModel, ValidationError
 from rq import get_current_job
 from rq.job import Job
 
+from contracts import telemetry
 from history.recording import record_finished
 from models.datasets import DataCatalog, DataError, DatasetMissingError, to_bounds
 from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from models.registry import ModelLoadError
 from models.store import BlobStore, open_store
-from workers import telemetry
 from workers.artifacts import csv_bytes, grid_png, npy_bytes
 from workers.attacks.base import Norm, project
 from workers.attacks.catalog import KERNELS
@@ -139,7 +139,7 @@ def entry(payload: dict[str, Any], schema: type[SpecT], body: Callable[[SpecT, J
 
 
 def _count_end(job: Job | None, outcome: str, start: float) -> None:
-    """The job's outcome and duration, for the gateway's /metrics (``workers.telemetry``)."""
+    """The job's outcome and duration, for the gateway's /metrics (``contracts.telemetry``)."""
     if job is not None:
         telemetry.record_end(job.connection, telemetry.metrics_key(context().settings.queue_prefix),
                              job, outcome, time.monotonic() - start)

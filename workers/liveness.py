@@ -12,7 +12,7 @@ deterministic, a second run would raise again).
 
 SIGTERM drains: the job stops at its next chunk boundary (``Drained``, raised by the job's cancel
 check) and goes back to the front of its queue without spending a retry; a job without chunk
-checks finishes. Torch-free: the gateway imports ``live_workers``.
+checks finishes. Which workers are alive, as the gateway reads it, is ``contracts.liveness``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from datetime import timedelta
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, cast
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -30,12 +29,11 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.registry import clean_registries
-from rq.utils import now
 from rq.worker import Worker
 
+from contracts import telemetry
+from contracts.errors import ALIVE_KEY, JobFailure
 from history.recording import record_finished
-from workers import telemetry
-from workers.errors import ALIVE_KEY, JobFailure
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +52,6 @@ def check_draining() -> None:
         raise Drained("the worker is shutting down")
 
 
-def live_workers(connection: Redis, queue_names: set[str], heartbeat_ttl_s: int) -> list[str]:
-    """Names of the workers serving any of ``queue_names`` whose last heartbeat is at most
-    ``heartbeat_ttl_s`` old (RQ's registration alone outlives a killed worker)."""
-    cutoff = now() - timedelta(seconds=heartbeat_ttl_s)
-    return sorted(w.name for w in Worker.all(connection=connection)
-                  if w.death_date is None and w.last_heartbeat is not None
-                  and w.last_heartbeat.replace(tzinfo=cutoff.tzinfo) >= cutoff
-                  and queue_names & set(w.queue_names()))
-
-
 def fail_audit(connection: Redis, job: Job, error: dict[str, str], ttl_s: int) -> None:
     """A chunk of an audit failed for good: record why, so that its other chunks stop (at their start
     or next stage) instead of running for an audit that is already reported failed."""
@@ -78,7 +66,7 @@ def check_audit(connection: Redis, audit_id: str) -> None:
     """Raise the failure of another chunk of ``audit_id``, if one failed."""
     raw = connection.get(AUDIT_FAILED_KEY.format(audit_id))
     if raw is not None:
-        reason = json.loads(raw)
+        reason = json.loads(cast(bytes, raw))
         raise JobFailure(f"audit stopped: {reason['message']}", reason["code"])
 
 
@@ -190,7 +178,7 @@ class HeartbeatWorker(SimpleWorker):
             log.info("%s: attempt %d", job.id, job.meta["attempts"])
         # Stored before RQ marks the job started: a worker killed in between the two used to leave
         # a started job without retries, which the registry cleanup then failed at once.
-        self.connection.hset(job.key, "retries_left", job.retries_left)
+        self.connection.hset(job.key, "retries_left", str(job.retries_left))
         job.save_meta()
         super().prepare_job_execution(job, remove_from_intermediate_queue)
 

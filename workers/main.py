@@ -20,6 +20,7 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from contracts.liveness import Status
 from models.manifest import HOSTED_DIR, CardIndex
 from workers.device import configure_numerics
 from workers.errors import ALIVE_KEY
@@ -27,7 +28,7 @@ from workers.jobs import Context, install_context, make_context
 from workers.liveness import DRAINING, Drained, wait_for_name
 from workers.settings import WorkerSettings
 from workers.sweep import Sweeper
-from workers.warm import Status, WarmWorker
+from workers.warm import WarmWorker
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1

@@ -6,12 +6,7 @@ batch-size calibration (47 s for the ResNet-18) inside the first job on each mod
 registers (its heartbeat starts, so it is alive and visible), publishes ``loading``, runs its
 ``warm_up`` (``workers.main.preload``) and only then enters RQ's loop: queued jobs wait for a warm
 worker instead of paying for the loading. Its status, refreshed with every heartbeat, is JSON at
-``adversa:warm:<worker name>``::
-
-    {"state": "loading" | "warm", "device": "cpu", "threads": 2,
-     "models": {"fmnist-cnn@1": {"batch_size": 256}}, "loading": "fmnist-resnet18@1", "failed": {}}
-
-Torch-free: the gateway imports ``worker_status``.
+``contracts.liveness.WARM_KEY``, where the gateway reads it (``contracts.liveness.worker_status``).
 """
 
 from __future__ import annotations
@@ -21,35 +16,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from redis import Redis
 from rq.worker import WorkerStatus
 
+from contracts.liveness import WARM_KEY, Status
 from workers.liveness import DRAINING, Drained, HeartbeatWorker
 
 log = logging.getLogger(__name__)
-WARM_KEY = "adversa:warm:{}"
-Status = dict[str, Any]
 # What a worker runs before its first job: it updates the status through the callback it is given.
 WarmUp = Callable[[Callable[[Status], None]], object]
-
-
-def worker_status(connection: Redis, names: list[str]) -> dict[str, Status | None]:
-    """The published status of each named worker; None for a worker that publishes none (one
-    started by other code than ``workers.main``, which has nothing to preload)."""
-    if not names:
-        return {}
-    raws = connection.mget([WARM_KEY.format(name) for name in names])
-    statuses: dict[str, Status | None] = {}
-    for name, raw in zip(names, raws, strict=True):
-        try:
-            statuses[name] = json.loads(raw) if raw is not None else None
-        except ValueError:
-            statuses[name] = None
-    return statuses
-
-
-def is_warm(status: Status | None) -> bool:
-    return status is None or status.get("state") == "warm"
 
 
 class WarmWorker(HeartbeatWorker):

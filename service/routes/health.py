@@ -6,11 +6,10 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
+from contracts.liveness import is_warm, live_workers, worker_status
 from service.deps import QueueDep
 from service.errors import Problem
 from service.queueing import QUEUE_NAMES
-from workers.liveness import live_workers
-from workers.warm import is_warm, worker_status
 
 router = APIRouter(tags=["health"])
 
@@ -25,7 +24,7 @@ def healthz() -> dict[str, str]:
 def readyz(queues: QueueDep) -> dict[str, object]:
     """Redis reachable and at least one worker alive (its heartbeat at most ``heartbeat_ttl_s`` old:
     RQ's registration of a killed worker outlives it) and warm: its models loaded and calibrated
-    (``workers.warm``). ``worker_status`` says, per live worker, what it has loaded (``models``,
+    (``contracts.liveness``). ``worker_status`` says, per live worker, what it has loaded (``models``,
     with their chunk sizes), what it is loading, its device and torch threads."""
     names = {queues.settings.queue_name(q) for q in QUEUE_NAMES}
     try:

@@ -12,7 +12,7 @@ from typing import Any
 from contracts.gate import eps_key, parse_eps_key, parse_line
 from contracts.specs import DEFAULT_CHECK_EPS
 
-# Series one chart can tell apart by colour, dash and marker (workers.audit.charts): the newest.
+# Series one chart can tell apart by colour, dash and marker (contracts.charts): the newest.
 MAX_VERSIONS = 7
 
 
@@ -67,7 +67,7 @@ def history_charts(name: str, audits: Sequence[Mapping[str, Any]]) -> list[dict[
 
 @lru_cache(maxsize=256)
 def _charts(name: str, shown_json: str) -> tuple[tuple[tuple[str, str], ...], ...]:
-    from workers.audit.charts import Series, accuracy_chart_svg  # matplotlib: on the first chart only
+    from contracts.charts import Series, accuracy_chart_svg  # matplotlib: on the first chart only
 
     by_norm: dict[str, list[Any]] = {}
     for audit in json.loads(shown_json):

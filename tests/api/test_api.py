@@ -374,7 +374,7 @@ def test_metrics(client: TestClient) -> None:
 def test_job_of_a_lost_worker_is_reported_failed(client: TestClient, redis: Redis) -> None:
     from rq.job import Job, JobStatus
 
-    from workers.errors import ALIVE_KEY
+    from contracts.errors import ALIVE_KEY
 
     job_id = attack(client).json()["id"]
     job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)

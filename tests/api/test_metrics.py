@@ -14,9 +14,9 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
+from contracts import telemetry
 from service.app import create_app
 from service.settings import Settings
-from workers import telemetry
 
 FGSM = {"model": "fmnist-cnn", "attack": {"name": "fgsm", "eps": 0.1},
         "inputs": {"dataset": "fashion-mnist:test", "offset": 0, "limit": 8}}

@@ -1,7 +1,7 @@
 """The audit report: one self-contained HTML page made from an audit result and a few sample images.
 
 Torch-free (numpy, Pillow, matplotlib, stdlib) so that the gateway can render it too. The page needs
-nothing from outside: charts are inline SVG drawn by matplotlib (``workers.audit.charts``), images are
+nothing from outside: charts are inline SVG drawn by matplotlib (``contracts.charts``), images are
 PNG data URIs, styles are inline, there is no script.
 Every string that comes from the result or the class list is escaped on its way into the page.
 """
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from contracts.charts import Series, accuracy_chart_svg
 from contracts.gate import eps_key, parse_eps, parse_line
 from workers.artifacts import display_layout
-from workers.audit.charts import Series, accuracy_chart_svg
 from workers.audit.merge import Chunk
 
 NOT_RUN = '<p class="not-run">Not run.</p>'

@@ -9,7 +9,9 @@ visible and read without colour; the emphasised series (the worst case) is drawn
 beneath the others. 95% intervals are error bars.
 
 matplotlib is imported on first use: importing this module costs nothing, so the gateway starts as
-fast as before and pays the import (about a second) on its first chart only.
+fast as before and pays the import (about a second) on its first chart only. It lives in ``contracts``
+because both sides draw with it (``workers.audit.report``, ``service.ui.summary``); the client
+distribution never imports it.
 """
 
 from __future__ import annotations

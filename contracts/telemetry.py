@@ -4,7 +4,9 @@ Workers run in other processes, often on other machines, and a job may end in a 
 the one that ran it (a live peer fails or retries the job of a dead worker). So each ending is
 added to one Redis hash that every worker shares, as the cumulative buckets of a Prometheus
 histogram; the gateway turns that hash into metric families when it is scraped (one ``HGETALL`` of
-a few hundred fields, whatever the number of jobs). Torch-free: the gateway imports it.
+a few hundred fields, whatever the number of jobs). The workers write it (``workers.jobs``,
+``workers.liveness``), the gateway reads it (``service.metrics``). Imports redis and rq: a server
+module of ``contracts``, never imported by the client distribution.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, cast
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -85,7 +88,8 @@ def read(connection: Redis, key: str) -> JobMetrics:
     """What the workers recorded under ``key``, as histograms by (kind, outcome) and retries by kind."""
     durations: dict[tuple[str, str], Histogram] = defaultdict(Histogram)
     retries: dict[str, int] = {}
-    for raw_name, raw_value in connection.hgetall(key).items():
+    # cast: redis-py types every command as possibly awaitable (its asyncio client shares them)
+    for raw_name, raw_value in cast(dict[Any, Any], connection.hgetall(key)).items():
         name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
         value = raw_value.decode() if isinstance(raw_value, bytes) else str(raw_value)
         what, _, rest = name.partition("|")
