@@ -49,9 +49,13 @@ class CommonSettings(BaseSettings):
     s3_prefix: str = Field(default="", pattern=r"^([A-Za-z0-9_.-]+/?)*$", description="key prefix in "
                            "the bucket, so that several deployments can share one")
     sweep_interval_s: int = Field(default=900, ge=0, description="how often a worker removes orphan "
-                                  "blobs (inputs and uploads no job references); 0: never")
+                                  "blobs (inputs and uploads no job references) and purges jobs past "
+                                  "retention_days; 0: never")
     sweep_grace_s: int = Field(default=3600, ge=0, description="an orphan blob younger than this is "
                                "kept (its job may be being enqueued right now)")
+    retention_days: float = Field(default=0, ge=0, description="the sweep purges finished jobs (history "
+                                  "rows, artifacts, inputs, Redis keys) that ended longer ago; 0: keep "
+                                  "them forever")
 
     @model_validator(mode="after")
     def _s3_needs_bucket(self) -> Self:

@@ -54,7 +54,8 @@ class JobRow(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_jobs_team_created", "team", "created_at", "id"),)
+    __table_args__ = (Index("ix_jobs_team_created", "team", "created_at", "id"),
+                      Index("ix_jobs_ended", "ended_at"))  # the retention purge's scan
 
 
 class ResultRow(Base):

@@ -16,7 +16,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, and_, create_engine, event, make_url, or_, select
+from sqlalchemy import Connection, Engine, and_, create_engine, delete, event, make_url, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from contracts.specs import JobError, JobState, JobView
@@ -201,7 +201,37 @@ class HistoryStore:
                 row = self._insert(connection, AuditRow).values(job_id=record.id, **summary)
                 connection.execute(row.on_conflict_do_update(index_elements=["job_id"], set_=summary))
 
+    def purge(self, job_ids: Iterable[str], ended_before: datetime) -> list[str]:
+        """Delete those of ``job_ids`` that are finished (succeeded, failed, canceled) and ended
+        before ``ended_before`` -- rows, results and audit summaries, in one transaction; the ids
+        deleted, sorted. The condition is checked again here, so that a job that ran again since
+        ``expired`` listed it stays."""
+        wanted = sorted(set(job_ids))
+        if not wanted:
+            return []
+        with self._transaction(write=True) as connection:
+            query = select(JobRow.id).where(JobRow.id.in_(wanted), *_finished_before(ended_before))
+            if connection.dialect.name == "postgresql":
+                query = query.with_for_update()
+            ids = sorted(row.id for row in connection.execute(query))
+            if ids:
+                connection.execute(delete(AuditRow).where(AuditRow.job_id.in_(ids)))
+                connection.execute(delete(ResultRow).where(ResultRow.job_id.in_(ids)))
+                connection.execute(delete(JobRow).where(JobRow.id.in_(ids)))
+        return ids
+
     # --- reads -----------------------------------------------------------------------------
+
+    def expired(self, ended_before: datetime, limit: int, skip: Iterable[str] = ()) -> list[str]:
+        """The ids of at most ``limit`` finished jobs of any team that ended before
+        ``ended_before``, oldest first, leaving out ``skip``: what the retention purge removes."""
+        query = select(JobRow.id).where(*_finished_before(ended_before))
+        skipped = sorted(set(skip))
+        if skipped:
+            query = query.where(JobRow.id.not_in(skipped))
+        query = query.order_by(JobRow.ended_at, JobRow.id).limit(limit)
+        with self._transaction() as connection:
+            return [row.id for row in connection.execute(query)]
 
     def job(self, job_id: str, team: str) -> JobView | None:
         """A job of ``team`` with its result, or None (unknown, or another team's)."""
@@ -272,6 +302,11 @@ class HistoryStore:
         with self._transaction() as connection:
             rows = connection.execute(query).all()
         return [_view(row, row.result) for row in rows]
+
+
+def _finished_before(ended_before: datetime) -> tuple[Any, ...]:
+    return (JobRow.status.in_([state.value for state in TERMINAL]), JobRow.ended_at.is_not(None),
+            JobRow.ended_at < ended_before)
 
 
 def _split(ref: str | None) -> tuple[str | None, int | None]:
