@@ -9,6 +9,7 @@ from workers.attacks.advgan import AdvGANAttackSpec, advgan
 from workers.attacks.apgd import APGDSpec, apgd, apgd_t
 from workers.attacks.cw import CarliniWagnerL2Spec, carlini_wagner_l2
 from workers.attacks.deepfool import DeepFoolSpec, deepfool
+from workers.attacks.fab import FABSpec, fab_t
 from workers.attacks.fgsm import FGSMSpec, fgsm
 from workers.attacks.hop_skip_jump import HopSkipJumpSpec, hop_skip_jump
 from workers.attacks.jsma import JSMASpec, jsma
@@ -25,6 +26,7 @@ KERNELS: dict[str, tuple[Kernel, type]] = {
     "mi-fgsm": (mi_fgsm, MIFGSMSpec),
     "apgd-ce": (apgd, APGDSpec),
     "apgd-t": (apgd_t, APGDSpec),
+    "fab-t": (fab_t, FABSpec),
     "carlini-wagner-l2": (carlini_wagner_l2, CarliniWagnerL2Spec),
     "jsma": (jsma, JSMASpec),
     "square": (square, SquareSpec),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +37,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from contracts.gate import eps_key
 from workers.attacks.base import AttackOutput, flat_norm, project
 from workers.attacks.catalog import KERNELS
 from workers.attacks.pgd import PGDSpec
-from workers.audit.gate import eps_key
 from workers.audit.merge import Chunk
 from workers.classifier import Classifier
 from workers.defenses.preprocess import bpda
@@ -79,7 +80,14 @@ class Detector:
 @dataclass(frozen=True)
 class AuditPlan:
     """What to run: bounded ``stages`` per norm over ``grids[norm]`` (increasing), eps-free
-    ``minimal`` stages, and the checks' settings."""
+    ``minimal`` stages, and the checks' settings.
+
+    ``cascade``: AutoAttack's evaluation. At each eps every stage but the single-step probe runs
+    only on the samples that the earlier stages (in suite order, and every stage at the smaller
+    eps) left standing, so a stage's curve is the robust accuracy after it and the stages before
+    it (what AutoAttack logs after each attack), the last stage's is the worst case, and the time
+    goes to the samples that resist. The probe still runs on every sample: the single-step check
+    compares it with the iterative attacks. Without ``cascade`` each stage has its own curve."""
 
     grids: Mapping[str, tuple[float, ...]]
     stages: Mapping[str, tuple[Stage, ...]]
@@ -94,6 +102,7 @@ class AuditPlan:
     transfer_eps: float | None = None
     keep_images: int = 8
     batch_size: int = 128
+    cascade: bool = False
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -206,6 +215,8 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
     bs = plan.batch_size
     n = x.shape[0]
     counters: dict[str, float] = {"n": float(n)}
+    started = time.perf_counter()
+    suite_seconds = 0.0  # the suite's own stages; the rest of the chunk's time is the checks' cost
 
     # Randomness: the same inputs twice must give the same logits.
     first, second = model.predict(x[:bs], bs), model.predict(x[:bs], bs)
@@ -243,17 +254,36 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
         flagged_by_stage = torch.zeros(len(stages), len(grid), n, dtype=torch.bool, device=x.device)
         best = [x.clone() for _ in stages]  # per stage, its latest successful example
         alive = [correct.clone() for _ in stages]  # per stage, robust so far
+        in_cascade = [plan.cascade and stage.name not in SINGLE_STEP for stage in stages]
+        cascade_best = x.clone()  # cascade: each sample's latest successful example of any stage
         for e, eps in enumerate(grid):
+            standing = correct.clone()  # cascade: robust to every cascade stage so far
+            for s in range(len(stages)):
+                if in_cascade[s]:
+                    standing &= alive[s]
+            already = correct & ~standing
+            worst_before = worst.clone() if plan.cascade else worst
             for s, stage in enumerate(stages):
+                if in_cascade[s]:
+                    # Broken by an earlier stage (or at a smaller eps): not attacked again.
+                    dropped = alive[s] & ~standing
+                    best[s][dropped] = cascade_best[dropped]
+                    alive[s] &= standing
                 idx = alive[s].nonzero().squeeze(1)
                 if idx.numel():
                     notify(f"{stage.name} {norm} eps {eps:g}")
+                    stage_started = time.perf_counter()
                     with _gradients_for(stage, model):
                         x_adv = _run(attacker if stage.white_box else model, stage,
                                      _with_eps(stage.spec, eps), x[idx], y[idx], generator, bs)
                     hit = model.predict(x_adv, bs).argmax(1) != y[idx]
                     best[s][idx[hit]] = x_adv[hit]
                     alive[s][idx[hit]] = False
+                    if in_cascade[s]:
+                        cascade_best[idx[hit]] = x_adv[hit]
+                    suite_seconds += time.perf_counter() - stage_started
+                if in_cascade[s]:
+                    standing = alive[s].clone()
                 robust[s, e] = alive[s]
             # Worst case at this eps: the first stage (in suite order) that broke the sample.
             broken = correct.clone()
@@ -262,6 +292,9 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
                 broken_by[e, newly] = s
                 worst[newly] = best[s][newly]
                 broken &= alive[s]
+            if plan.cascade and e > 0:  # broken at a smaller eps: that example and its attack stand
+                worst[already] = worst_before[already]
+                broken_by[e, already] = broken_by[e - 1, already]
             images[e] = worst[:keep]
             if plan.detector is not None:
                 scores = squeeze_scores(model.module, worst, plan.detector.squeezers, model.bounds, bs)
@@ -321,6 +354,10 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
         with _gradients_for(stage, model):
             x_adv = _run(attacker, stage, stage.spec, x[idx], y[idx], generator, bs)
         counters["unbounded_broken"] = float((model.predict(x_adv, bs).argmax(1) != y[idx]).sum())
+    # Wall-clock seconds (summed over chunks by the merge): the suite's stages, and everything else
+    # (the masking checks, the probe's single step excepted, with the detector and transfer).
+    counters["seconds_suite"] = suite_seconds
+    counters["seconds_checks"] = time.perf_counter() - started - suite_seconds
     result.counters = counters
     return result
 
@@ -362,6 +399,8 @@ def _checks_for_norm(model: Classifier, attacker: Classifier, x: torch.Tensor, y
     base_steps = max((getattr(stages[s].spec, "steps", 20) for s in iterative), default=20)
     stage = Stage("pgd", PGDSpec(eps=eps, norm=norm, steps=base_steps * plan.more_steps_factor,  # type: ignore[arg-type]
                                  restarts=plan.more_restarts), norm)
+    counters[f"more_steps_steps@{norm}"] = float(stage.spec.steps)
+    counters[f"more_steps_restarts@{norm}"] = float(plan.more_restarts)
     # The cross-entropy first (what the suite followed), then the logit margin on what still stands.
     for loss, attack_with in (("ce", attacker), ("margin", MarginClassifier(attacker))):
         with _gradients_for(stage, model):
