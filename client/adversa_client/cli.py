@@ -617,9 +617,19 @@ def _print_audit(result: Mapping[str, Any], report_url: str) -> None:
     table.add_row("masking checks", escape(str(masking.get("status", "-"))), "")
     console.print(table)
     gate = result.get("gate") or {}
+    baseline = result.get("baseline") or {}
+    if baseline:
+        console.print(f"baseline: audit {escape(str(baseline.get('audit')))} of "
+                      f"{escape(str(baseline.get('model')))}", soft_wrap=True)
     for line in gate.get("lines") or []:
         verdict = "[green]PASS[/green]" if line.get("passed") else "[red]FAIL[/red]"
-        console.print(f"{verdict} {escape(str(line.get('expression')))} (measured {_fmt(line.get('value'))})")
+        compared = ""
+        if line.get("baseline_value") is not None:  # a regression line: both values and the difference
+            noise = ", larger than the noise" if line.get("significant") else ""
+            compared = (f", baseline {_fmt(line.get('baseline_value'))}, difference "
+                        f"{_fmt(line.get('difference'))}{noise}")
+        console.print(f"{verdict} {escape(str(line.get('expression')))} "
+                      f"(measured {_fmt(line.get('value'))}{compared})")
     if gate:
         console.print(f"gate verdict: {escape(str(gate.get('verdict')).upper())}")
     console.print(f"report: {escape(report_url)}", soft_wrap=True)
@@ -644,6 +654,9 @@ def audit(
         metavar="EXPR", help="threshold, e.g. 'robust_accuracy@linf:8/255 >= 0.4' (repeatable)")] = None,
     surrogate: Annotated[list[str] | None, typer.Option(metavar="NAME", help="transfer (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option(min=0, metavar="N")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        metavar="AUDIT-ID|NAME@VERSION", help="what 'baseline' in a --gate line compares with: an earlier "
+        "audit of your team, or a model version whose latest audit on the same data, suite and grid")] = None,
     junit: Annotated[Path | None, typer.Option(metavar="FILE", help="write JUnit XML here")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="write the job JSON")] = None,
     timeout: TimeoutOption = 3600, keep_running: KeepOption = False, poll: PollOption = 2.0,
@@ -669,6 +682,8 @@ def audit(
                 if not isinstance(attacks, list) or not all(isinstance(a, dict) for a in attacks):
                     raise Failed("expected --attacks-file to hold a list of attack objects")
             options: dict[str, Any] = {} if steps is None else {"steps": steps}
+            if baseline is not None:
+                options["baseline"] = baseline
             inputs = _inputs(data, [], None, offset, limit)
             with _options(ctx).client() as client:
                 job = client.audit(model, inputs, suite=None if attacks else (suite or Suite.standard).value,
