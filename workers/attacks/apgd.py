@@ -35,10 +35,9 @@ evaluated (forward), never differentiated: ``steps`` gradients per run at most.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -53,6 +52,7 @@ from workers.attacks.base import (
     project,
     random_start,
     steepest_direction,
+    take_rows,
 )
 from workers.classifier import Classifier
 
@@ -162,12 +162,7 @@ class _Walk:
     f_hit: torch.Tensor
 
     def take(self, rows: torch.Tensor) -> _Walk:
-        kept = copy.copy(self)
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                setattr(kept, f.name, value[rows])
-        return kept
+        return take_rows(self, rows)
 
 
 @dataclass

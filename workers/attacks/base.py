@@ -6,8 +6,9 @@ allocate like ``x``, never move tensors between devices and never switch the mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import copy
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,20 @@ class AttackOutput:
     success: torch.Tensor | None
     queries: torch.Tensor
     gradients: torch.Tensor
+
+
+StateT = TypeVar("StateT")
+
+
+def take_rows(state: StateT, rows: torch.Tensor) -> StateT:
+    """A copy of a dataclass of per-sample tensors (the working set of an early-stopping kernel)
+    keeping only ``rows`` of each; ``None`` fields stay ``None``."""
+    kept = copy.copy(state)
+    for f in fields(state):  # type: ignore[arg-type]
+        value: Any = getattr(state, f.name)
+        if value is not None:
+            setattr(kept, f.name, value[rows])
+    return kept
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None, targeted: bool) -> None:

@@ -44,10 +44,9 @@ the same robust accuracy, image for image, at Linf 0.1, Linf 0.03 and L2 0.5.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -61,6 +60,7 @@ from workers.attacks.base import (
     flat_norm,
     goal_reached,
     per_sample,
+    take_rows,
 )
 from workers.classifier import Classifier
 
@@ -168,12 +168,7 @@ class _Walk:
     active: torch.Tensor  # (n,) bool: not yet returned (early stop: rows done wait for compaction)
 
     def take(self, rows: torch.Tensor) -> _Walk:
-        kept = copy.copy(self)
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                setattr(kept, f.name, value[rows])
-        return kept
+        return take_rows(self, rows)
 
 
 @dataclass
