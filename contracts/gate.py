@@ -319,6 +319,20 @@ def _band(result: Mapping[str, Any], *path: str) -> Mapping[str, Any] | None:
     return node if isinstance(node, Mapping) else None
 
 
+def _eps_entry(result: Mapping[str, Any], metric: str, table: Any, norm: str, eps: float,
+               measured: str) -> Measured:
+    """``table``'s value at ``norm:eps`` (a per-eps rate of ``metric``) with its interval; where it
+    is missing, why, with the grid it does hold (``measured``: a template for that grid)."""
+    hit = _by_eps(table, norm, eps)
+    if hit is None:
+        grid = ", ".join(map(str, table)) if isinstance(table, Mapping) and table else "nothing"
+        return None, f"{metric} has no entry for {eps_key(norm, eps)} {measured.format(grid)}", None
+    value = _number(hit[1])
+    if value is None:
+        return None, f"{metric}[{hit[0]}] is not a number", None
+    return value, "", _band(result, metric, hit[0])
+
+
 def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
     metric, norm, eps = line.metric, line.norm, line.eps
     if metric == "clean_accuracy":
@@ -349,30 +363,13 @@ def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
         value, attack = min(found)
         return value, f" ({attack})", None
     assert eps is not None
-    label = eps_key(norm, eps)
     if metric == "robust_accuracy":
-        table = result.get("robust_accuracy")
-        hit = _by_eps(table, norm, eps)
-        if hit is None:
-            grid = ", ".join(map(str, table)) if isinstance(table, Mapping) and table else "nothing"
-            return None, f"robust_accuracy has no entry for {label} (the sweep measured {grid})", None
-        value = _number(hit[1])
-        if value is None:
-            return None, f"robust_accuracy[{hit[0]}] is not a number", None
-        return value, "", _band(result, "robust_accuracy", hit[0])
+        return _eps_entry(result, metric, result.get(metric), norm, eps, "(the sweep measured {})")
     if metric == "detect_reject_accuracy":
         detector = result.get("detector")
         if not isinstance(detector, Mapping):
             return None, "the detector section did not run (no calibrated detector?)", None
-        table = detector.get("detect_reject_accuracy")
-        hit = _by_eps(table, norm, eps)
-        if hit is None:
-            grid = ", ".join(map(str, table)) if isinstance(table, Mapping) and table else "nothing"
-            return None, f"detect_reject_accuracy has no entry for {label} (measured {grid})", None
-        value = _number(hit[1])
-        if value is None:
-            return None, f"detect_reject_accuracy[{hit[0]}] is not a number", None
-        return value, "", _band(result, "detect_reject_accuracy", hit[0])
+        return _eps_entry(result, metric, detector.get(metric), norm, eps, "(measured {})")
     # transfer_success_rate: the most successful surrogate at that budget (by the bound, for a bound)
     runs = result.get("transfer")
     if not isinstance(runs, list) or not runs:
@@ -386,7 +383,7 @@ def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
         if value == measured[at][1] and (rate := _number(run.get("success_rate"))) is not None]
     if not found:
         labels = ", ".join(sorted({str(r.get("eps_label")) for r in runs if isinstance(r, Mapping)}))
-        return None, f"no transfer run at {label} (measured {labels or 'nothing'})", None
+        return None, f"no transfer run at {eps_key(norm, eps)} (measured {labels or 'nothing'})", None
     bands = [(rate, surrogate, _band(result, "transfer_success_rate", surrogate)) for rate, surrogate in found]
     if line.bound is not None:
         value, surrogate, band = max(bands, key=lambda b: (_bound(b[2], line.bound), b[0]))
