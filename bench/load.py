@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,13 +38,13 @@ import numpy as np
 import torch
 
 from bench.attacks import busy_seconds, command_line
-from bench.oip import free_port
+from bench.oip import REPO, free_port
+from bench.oip import start as start_serve
 from models.datasets import load_split
 from models.manifest import HOSTED_DIR, CardIndex
 from models.registry import load_module
 
 MODEL = "fmnist-cnn"
-REPO = Path(__file__).resolve().parent.parent
 
 
 def start(var: Path, port: int, workers: int) -> subprocess.Popen[bytes]:
@@ -57,23 +56,7 @@ def start(var: Path, port: int, workers: int) -> subprocess.Popen[bytes]:
     var.mkdir(parents=True, exist_ok=True)
     # The chunk size a worker would measure once per var dir; a prediction is one chunk anyway.
     (var / "batch_sizes.json").write_text(json.dumps({f"{card_key(card)}:cpu": 128}))
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "ADVERSA_REDIS_URL")}
-    env.update({"ADVERSA_VAR_DIR": str(var), "PYTHONPATH": str(REPO)})
-    log = (var / "serve.log").open("wb")
-    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-                              "--workers", str(workers)],
-                             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready", timeout=5).status_code == 200:
-                return serve
-        except httpx.TransportError:
-            pass
-        if serve.poll() is not None or time.monotonic() > deadline:
-            serve.kill()
-            raise SystemExit("the service did not start:\n" + (var / "serve.log").read_text()[-3000:])
-        time.sleep(0.5)
+    return start_serve(var, port, workers, ready=f"/v2/models/{MODEL}/ready")
 
 
 def infer_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:

@@ -55,16 +55,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(var: Path, port: int) -> subprocess.Popen[bytes]:
+def start(var: Path, port: int, workers: int | None = None,
+          ready: str = "/v2/health/ready") -> subprocess.Popen[bytes]:
+    """``adversa serve`` (embedded Redis; ``workers`` workers, else its default) on ``var``;
+    returns once ``ready`` answers 200."""
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "ADVERSA_REDIS_URL")}
     env.update({"ADVERSA_VAR_DIR": str(var), "PYTHONPATH": str(REPO)})
     log = (var / "serve.log").open("wb")
-    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-                             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    if workers is not None:
+        command += ["--workers", str(workers)]
+    serve = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=5).status_code == 200:
                 return serve
         except httpx.TransportError:
             pass
