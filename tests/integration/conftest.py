@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,40 @@ def start_service(redis_url: str, var: Path, queue_prefix: str = "",
             running.stop()
             raise AssertionError(f"service not ready in {JOB_TIMEOUT_S} s\n" + _logs(logs))
         time.sleep(0.5)
+
+
+@contextmanager
+def gateway_process(redis_url: str, var: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A gateway alone (``adversa serve --workers 0``) on ``redis_url`` and ``var``, with ``env``
+    added to its environment; yields its base URL once /healthz answers, stops it after."""
+    port = free_port()
+    environment = {**os.environ, "REDIS_URL": redis_url, "ADVERSA_VAR_DIR": str(var), "PYTHONPATH": str(REPO),
+                   **(env or {})}
+    log_path = var / "gateway.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+                                    "--workers", "0"], env=environment, cwd=REPO, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while True:
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=10).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, (f"gateway not up in {JOB_TIMEOUT_S} s\n"
+                                                     + log_path.read_text()[-3000:])
+                time.sleep(0.3)
+            yield base
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +19,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.conftest import REPO
-from tests.integration.conftest import JOB_TIMEOUT_S, free_port
+from tests.integration.conftest import free_port, gateway_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -41,32 +37,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The gateway alone (the pages need no worker), as ``adversa serve`` runs it; its base URL."""
-    port = free_port()
-    var = tmp_path_factory.mktemp("var")
-    env = {**os.environ, "REDIS_URL": redis_url, "ADVERSA_VAR_DIR": str(var), "PYTHONPATH": str(REPO)}
-    log = var / "gateway.log"
-    process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-                                "--workers", "0"], env=env, cwd=REPO, stdout=log.open("wb"),
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"gateway not up in {JOB_TIMEOUT_S} s\n{log.read_text()}"
-            time.sleep(0.3)
+    with gateway_process(redis_url, tmp_path_factory.mktemp("var")) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +21,7 @@ from selenium.webdriver.common.by import By
 
 from history.store import HistoryStore
 from models.store import FileStore
-from tests.conftest import REPO
-from tests.integration.conftest import JOB_TIMEOUT_S, free_port
+from tests.integration.conftest import gateway_process
 from tests.integration.test_report_browser import MISSING, browser  # noqa: F401 - the fixture
 from tests.ui_support import fill, register_cards
 
@@ -42,32 +39,11 @@ def gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     fill(history, FileStore(var / "blobs"), "vision", 120, model="vision-cnn", versions=3)
     history.close()
     Redis.from_url(redis_url).flushdb()
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "ADVERSA_VAR_DIR": str(var), "PYTHONPATH": str(REPO),
-           "ADVERSA_API_KEYS": json.dumps({KEY: "vision", "other-key": "audio"})}
-    log = (var / "gateway.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-                                "--workers", "0"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=10).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, (var / "gateway.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "gateway not up"
-            time.sleep(0.3)
-        yield base
+        keys = json.dumps({KEY: "vision", "other-key": "audio"})
+        with gateway_process(redis_url, var, {"ADVERSA_API_KEYS": keys}) as base:
+            yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
         Redis.from_url(redis_url).flushdb()
 
 
