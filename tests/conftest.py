@@ -10,6 +10,7 @@ import pytest
 from redis import Redis
 
 from service.settings import Settings
+from tests.history_db import DATABASES, database
 
 REPO = Path(__file__).resolve().parent.parent
 # Workers the tests start preload nothing unless a test asks (tests/integration/test_warm_path.py):
@@ -46,3 +47,11 @@ def redis(redis_url: str) -> Iterator[Redis]:
 @pytest.fixture
 def settings(redis_url: str, tmp_path: Path) -> Settings:
     return Settings(redis_url=redis_url, var_dir=tmp_path / "var", predict_timeout_s=5)
+
+
+@pytest.fixture(params=DATABASES)
+def history_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh history database, once per kind in ``tests.history_db.DATABASES`` (SQLite and
+    PostgreSQL): a test that takes it runs on both."""
+    with database(request.param, tmp_path) as url:
+        yield url

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,6 @@ from history.recording import audit_summary
 from history.store import HistoryStore, JobRecord
 from service.app import create_app
 from service.settings import Settings
-from tests.history_db import DATABASES, database
 from workers.audit.merge import Chunk, merge
 from workers.specs import JobState
 
@@ -29,12 +27,6 @@ GRID = [0.05, 0.1]
 AUDIT = {"model": "fmnist-cnn", "suite": "quick", "eps": {"linf": GRID}, "steps": 5, "seed": 0,
          "inputs": {"dataset": "fashion-mnist:test", "offset": 0, "limit": 16}}
 LINES = ["robust_accuracy@linf:0.1 >= baseline - 0.01", "clean_accuracy >= baseline"]
-
-
-@pytest.fixture(params=DATABASES)
-def history_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,18 +16,11 @@ from history.recording import audit_summary
 from history.store import HistoryStore, JobRecord
 from service.app import create_app
 from service.settings import Settings
-from tests.history_db import DATABASES, database
 from workers.specs import JobState
 
 A, B = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
 ATTACK = {"model": "fmnist-cnn", "attack": {"name": "fgsm", "eps": 0.1},
           "inputs": {"dataset": "fashion-mnist:test", "offset": 0, "limit": 4}, "seed": 0}
-
-
-@pytest.fixture(params=DATABASES)
-def history_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

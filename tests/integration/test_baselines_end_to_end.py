@@ -18,19 +18,12 @@ import pytest
 from redis import Redis
 
 from tests.conftest import REPO
-from tests.history_db import DATABASES, database
 from tests.integration.conftest import start_service, wait
 
 LINES = ["robust_accuracy@linf:0.1 >= baseline - 0.01", "clean_accuracy >= baseline"]
 # what `adversa audit --data fashion-mnist:test --limit 16 --suite quick --eps linf=0.1 --seed 0` sends
 AUDIT = {"suite": "quick", "eps": {"linf": [0.1]}, "seed": 0,
          "inputs": {"dataset": "fashion-mnist:test", "offset": 0, "limit": 16}}
-
-
-@pytest.fixture(params=DATABASES)
-def history_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

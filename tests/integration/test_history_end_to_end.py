@@ -11,14 +11,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from tests.history_db import DATABASES, database
 from tests.integration.conftest import start_service, submit, wait
-
-
-@pytest.fixture(params=DATABASES)
-def history_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

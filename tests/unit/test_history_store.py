@@ -27,17 +27,10 @@ from history.models import Base
 from history.recording import audit_summary, record_finished, record_queued
 from history.store import MIGRATIONS, HistoryStore, InvalidCursor, JobFilter, JobRecord
 from tests.conftest import REPO
-from tests.history_db import DATABASES, database
 from workers.specs import JobError, JobState
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()  # the newest migration
-
-
-@pytest.fixture(params=DATABASES)
-def history_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture
