@@ -17,6 +17,10 @@ from collections.abc import Callable
 
 import torch
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -98,7 +102,12 @@ def run_worker(settings: WorkerSettings, *, burst: bool = False, name: str | Non
     install_context(context)
     log.info("worker on %s, registry %s", context.cache.device,
              [str(r) for r in context.cache.index.roots])
-    connection = Redis.from_url(settings.redis_url)
+    # A Redis restart (seconds, AOF keeps the jobs) must not kill the worker or fail its job: every
+    # command, RQ's bookkeeping included, retries for about 7 s (0.1 s doubling to 1 s) before an
+    # error reaches the job or the work loop. Without it one refused connect in the restart's
+    # window crashed the worker and left its started job to wait for another worker.
+    connection = Redis.from_url(settings.redis_url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 10),
+                                retry_on_error=[RedisConnectionError, RedisTimeoutError])
     queues = [Queue(settings.queue_name(q), connection=connection, serializer=JSONSerializer)
               for q in settings.queues]
     if name is not None:
