@@ -10,7 +10,8 @@ Three kinds of data have a reference that jobs name (``{"dataset": ref, "offset"
   (see ``build_skimage_patches``). A substitute for an RGB benchmark, not CIFAR.
 - a team's own sets, uploaded through ``POST /v1/datasets``: ``name[@version]:split`` (the latest
   version without ``@``). Their cards live under ``<var>/datasets/<name>/<version>/card.json``
-  (``DatasetIndex``); the arrays live once in the blob store, content-addressed
+  (``DatasetIndex``; in the store's ``registry/datasets`` with the S3 store,
+  ``models.registry_store``); the arrays live once in the blob store, content-addressed
   (``datasets/<sha256>.npz``), however many versions name them.
 
 ``DataCatalog`` resolves a reference for a team (hosted sets and its own; another team's set is
@@ -40,7 +41,6 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from models.manifest import NAME_RE, RegistryCard, VersionedIndex, parse_ref
-from models.publish import publish_files, unpublish
 from models.store import BlobNotFoundError, BlobStore
 
 DEFAULT_DIRS = (
@@ -529,11 +529,12 @@ class DataCatalog:
     so an entry never goes stale); the digest is checked once when a blob is read.
     """
 
-    def __init__(self, data_dir: str | None, root: Path, store: BlobStore, cache_size: int = 4) -> None:
+    def __init__(self, data_dir: str | None, root: Path, store: BlobStore, cache_size: int = 4,
+                 index: DatasetIndex | None = None) -> None:
         self.data_dir = data_dir
         self.root = root
         self.store = store
-        self.index = DatasetIndex([root])
+        self.index = DatasetIndex([root]) if index is None else index
         self.cache_size = cache_size
         self._arrays: OrderedDict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = OrderedDict()
         self._lock = threading.Lock()
@@ -657,8 +658,8 @@ class DataCatalog:
 
     def publish(self, draft: DatasetCard, blob: bytes) -> DatasetCard:
         """Store ``blob`` once under its digest, then publish ``draft`` as the next version of its
-        name (``models.publish.publish_files``: a card-only directory renamed into place). When
-        publishing fails the blob is removed again unless some card uses it."""
+        name (``DatasetIndex.publish``: a card-only directory renamed into place, or the card put
+        in the store). When publishing fails the blob is removed again unless some card uses it."""
         if draft.name in HOSTED_SETS:
             raise InvalidReferenceError(f"expected a name other than the hosted {draft.name!r}")
         if hashlib.sha256(blob).hexdigest() != draft.sha256 or len(blob) != draft.bytes:
@@ -668,7 +669,7 @@ class DataCatalog:
         if fresh:
             self.store.put(key, blob)
         try:
-            card = publish_files(self.root, draft, {})
+            card = self.index.publish(draft, {})
         except BaseException:
             if fresh and not self._referenced(draft.sha256):
                 self.store.delete(key)
@@ -678,10 +679,10 @@ class DataCatalog:
         return card
 
     def delete(self, name: str, version: int) -> bool:
-        """Delete one version (``models.publish.unpublish``: its number is never reused) and its
+        """Delete one version (``DatasetIndex.unpublish``: its number is never reused) and its
         blob when no other version uses it. False when there is no such version."""
         card = self.index.card(f"{name}@{version}")
-        if card is None or not unpublish(self.root, name, version):
+        if card is None or not self.index.unpublish(name, version):
             return False
         if not self._referenced(card.sha256):
             self.store.delete(card.blob_key)

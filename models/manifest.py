@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Generic, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from models.registry_store import StoreRegistry
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -98,6 +102,10 @@ class RegistryCard(BaseModel):
 
     def visible_to(self, team: str) -> bool:
         return self.team is None or self.team == team
+
+    def stored_files(self) -> dict[str, str]:
+        """The files of this version besides the card: file name -> sha256."""
+        return {}
 
     @classmethod
     def read(cls, path: Path) -> Self:
@@ -219,6 +227,9 @@ class ModelCard(RegistryCard):
         """The file ``sha256`` is the digest of."""
         return ONNX_FILE if self.architecture == ONNX_ARCHITECTURE else WEIGHTS_FILE
 
+    def stored_files(self) -> dict[str, str]:
+        return {**self.files, **({self.weights_file: self.sha256} if self.sha256 is not None else {})}
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -277,6 +288,9 @@ class GeneratorCard(RegistryCard):
     def files(self) -> dict[str, str]:
         """File name -> the sha256 it must have."""
         return {GENERATOR_FILE: self.generator_sha256, DISCRIMINATOR_FILE: self.discriminator_sha256}
+
+    def stored_files(self) -> dict[str, str]:
+        return self.files
 
     def fits(self, card: ModelCard) -> str | None:
         """Why this generator cannot attack ``card`` (None when it can): inputs and classes must match."""
@@ -345,44 +359,84 @@ class VersionedIndex(Generic[CardT]):
     (the first root that has a version wins). Only directories named by a number and holding a
     card count: staging directories, trash and tombstones of deleted versions are invisible.
 
+    With a ``mirror`` (``models.registry_store.StoreRegistry``, the registry in the S3 store), the
+    root that is the mirror's cache lists what the store holds, and its cards and files are
+    fetched into that directory on first use. New versions go to the writable root: the mirror's,
+    else the last one.
+
     Torch-free: the gateway uses it to list entries and validate requests; the workers use it to
     find the weights next to the card.
     """
 
     card_type: type[CardT]
 
-    def __init__(self, roots: list[Path]) -> None:
+    def __init__(self, roots: list[Path], mirror: StoreRegistry | None = None) -> None:
         self.roots = roots
+        self.mirror = mirror
+
+    def _mirrored(self, root: Path) -> bool:
+        return self.mirror is not None and root == self.mirror.cache
+
+    @property
+    def writable(self) -> Path:
+        """The root new versions are published under."""
+        return self.mirror.cache if self.mirror is not None else self.roots[-1]
+
+    def _listed(self, root: Path, name: str) -> list[int]:
+        if self.mirror is not None and self._mirrored(root):
+            return self.mirror.versions(name)
+        base = root / name
+        if not base.is_dir():
+            return []
+        return [int(child.name) for child in base.iterdir()
+                if child.name.isdigit() and (child / CARD_FILE).is_file()]
 
     def _versions(self, name: str) -> dict[int, Path]:
         found: dict[int, Path] = {}
         if not NAME_RE.match(name):
             return found
         for root in self.roots:
-            base = root / name
-            if not base.is_dir():
-                continue
-            for child in base.iterdir():
-                if child.name.isdigit() and (child / CARD_FILE).is_file():
-                    found.setdefault(int(child.name), child)
+            if found and self._mirrored(root):  # a hosted name (no team may publish under it): no
+                break  # store request, so hosted models answer while the store is down
+            for version in self._listed(root, name):
+                found.setdefault(version, root / name / str(version))
         return found
 
     def names(self) -> list[str]:
         names: set[str] = set()
         for root in self.roots:
-            if root.is_dir():
-                names.update(p.name for p in root.iterdir() if p.is_dir() and self._versions(p.name))
+            if self.mirror is not None and self._mirrored(root):
+                names.update(self.mirror.names())
+            elif root.is_dir():
+                names.update(p.name for p in root.iterdir() if p.is_dir() and self._listed(root, p.name))
         return sorted(names)
 
     def versions(self, name: str) -> list[int]:
         return sorted(self._versions(name))
 
-    def directory(self, name: str, version: int | None = None) -> Path | None:
+    def _card_file(self, name: str, version: int | None) -> Path | None:
         versions = self._versions(name)
         if not versions:
             return None
         chosen = max(versions) if version is None else version
-        return versions.get(chosen)
+        directory = versions.get(chosen)
+        if directory is None:
+            return None
+        if self.mirror is not None and self._mirrored(directory.parent.parent):
+            return self.mirror.card_file(name, chosen)
+        return directory / CARD_FILE
+
+    def directory(self, name: str, version: int | None = None) -> Path | None:
+        """The local directory of ``name`` (latest) or ``name@version`` with its card and files;
+        a mirrored version's files are fetched (and checked) first."""
+        path = self._card_file(name, version)
+        if path is None:
+            return None
+        directory = path.parent
+        if self.mirror is not None and self._mirrored(directory.parent.parent):
+            card = self.card_type.read(path)
+            return self.mirror.fetch(card.name, card.version, card.stored_files())
+        return directory
 
     def card(self, ref: str) -> CardT | None:
         """The card for ``name`` or ``name@version``, or None when there is none."""
@@ -390,13 +444,76 @@ class VersionedIndex(Generic[CardT]):
             name, version = parse_ref(ref)
         except ValueError:
             return None
-        directory = self.directory(name, version)
-        if directory is None:
+        path = self._card_file(name, version)
+        if path is None:
             return None
         try:
-            return self.card_type.read(directory / CARD_FILE)
+            return self.card_type.read(path)
         except FileNotFoundError:  # deleted between the listing and the read
             return None
+
+    def entries(self) -> Iterator[tuple[CardT, int]]:
+        """Every version in the writable root, with the bytes of its files (quotas)."""
+        if self.mirror is not None:
+            for (name, version), size in sorted(self.mirror.sizes().items()):
+                path = self.mirror.card_file(name, version)
+                if path is not None:
+                    yield self.card_type.read(path), size
+            return
+        root = self.writable
+        if not root.is_dir():
+            return
+        for base in sorted(root.iterdir()):
+            if not base.is_dir() or not NAME_RE.match(base.name):
+                continue
+            for version in sorted(self._listed(root, base.name)):
+                directory = base / str(version)
+                try:
+                    card = self.card_type.read(directory / CARD_FILE)
+                    size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+                except (OSError, ValueError):  # deleted while we walked, or unreadable
+                    continue
+                yield card, size
+
+    def _taken(self, name: str, root: Path) -> set[int]:
+        """Version numbers of ``name`` used under the roots other than ``root``."""
+        from models.publish import used_versions
+
+        taken: set[int] = set()
+        for other in self.roots:
+            if other == root:
+                continue
+            if self.mirror is not None and self._mirrored(other):
+                taken |= self.mirror.claimed(name)
+            else:
+                taken |= used_versions(other / name)
+        return taken
+
+    def publish(self, card: CardT, files: Mapping[str, bytes], root: Path | None = None) -> CardT:
+        """Add ``card`` and ``files`` (file name -> bytes) as the next free version of its name
+        under ``root`` (default: the writable root; the mirror's goes to the store); returns the
+        card with its version. Raises ``models.publish.PublishError`` when it cannot be written."""
+        from models.publish import PublishError, publish_files
+
+        root = self.writable if root is None else root
+        taken = self._taken(card.name, root)
+        if self.mirror is not None and self._mirrored(root):
+            from models.registry_store import RegistryPublishError
+
+            try:
+                return self.mirror.publish(card, files, taken)
+            except RegistryPublishError as exc:
+                raise PublishError(str(exc)) from exc
+        return publish_files(root, card, files, taken)
+
+    def unpublish(self, name: str, version: int) -> bool:
+        """Delete ``name@version`` from the writable root (its number is never reused); False when
+        it is not there."""
+        from models.publish import unpublish
+
+        if self.mirror is not None:
+            return self.mirror.unpublish(name, version)
+        return unpublish(self.writable, name, version)
 
 
 class CardIndex(VersionedIndex[ModelCard]):
@@ -410,20 +527,39 @@ class CardIndex(VersionedIndex[ModelCard]):
         return cls([HOSTED_DIR, *(extra_roots or [])])
 
     def detector_paths(self, card: ModelCard, team: str | None) -> list[Path]:
-        """Where a detector for ``card`` may be, the team's own first."""
-        paths = []
-        if team is not None:
-            paths += [root / card.name / str(card.version) / "detectors" / team_file(team)
-                      for root in self.roots]
-        paths += [root / card.name / str(card.version) / DETECTOR_FILE for root in self.roots]
-        return paths
+        """Where a detector for ``card`` may be on disk, the team's own first."""
+        return [root / card.name / str(card.version) / relative
+                for relative in self._detector_files(team) for root in self.roots]
+
+    @staticmethod
+    def _detector_files(team: str | None) -> list[str]:
+        """Detector files of a version, relative to its directory, the team's own first."""
+        return ([f"detectors/{team_file(team)}"] if team is not None else []) + [DETECTOR_FILE]
 
     def detector(self, card: ModelCard, team: str | None) -> DetectorCard | None:
-        """The detector that guards ``card`` for ``team``: its own calibration, else the model's."""
-        for path in self.detector_paths(card, team):
-            if path.is_file():
-                return DetectorCard.read(path)
+        """The detector that guards ``card`` for ``team``: its own calibration, else the model's
+        (the store's, when the registry is mirrored, before any on disk)."""
+        for relative in self._detector_files(team):
+            if self.mirror is not None:
+                data = self.mirror.read_extra(card.name, card.version, relative)
+                if data is not None:
+                    return DetectorCard.model_validate_json(data)
+            for root in self.roots:
+                path = root / card.name / str(card.version) / relative
+                if not self._mirrored(root) and path.is_file():
+                    return DetectorCard.read(path)
         return None
+
+    def write_detector(self, card: ModelCard, detector: DetectorCard, root: Path | None = None) -> None:
+        """Store ``detector`` for ``card`` (a team's own calibration when it has a team) under
+        ``root`` (default: the writable root; the mirror's goes to the store)."""
+        relative = self._detector_files(detector.team)[0]
+        root = self.writable if root is None else root
+        if self.mirror is not None and self._mirrored(root):
+            self.mirror.write_extra(card.name, card.version, relative,
+                                    (detector.model_dump_json(indent=2) + "\n").encode())
+            return
+        detector.write(root / card.name / str(card.version) / relative)
 
 
 class GeneratorIndex(VersionedIndex[GeneratorCard]):

@@ -48,6 +48,7 @@ class BlobInfo:
 
 class BlobStore(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
+    def create(self, key: str, data: bytes) -> bool: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
@@ -76,6 +77,23 @@ class FileStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if there is no blob under it yet; False when there is one. Atomic
+        between processes sharing the directory: a hard link fails when its name exists, and the
+        blob appears whole (the temporary file is complete before it is linked)."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return True
 
     def get(self, key: str) -> bytes:
         try:
@@ -153,6 +171,22 @@ class S3Store:
         name = self._name(key)
         with self._errors():
             self.client.put_object(Bucket=self.bucket, Key=name, Body=data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if there is no object under it yet; False when there is one. A
+        conditional PUT (``If-None-Match: *``), which AWS S3, MinIO and moto decide atomically."""
+        from botocore.exceptions import ClientError
+
+        name = self._name(key)
+        with self._errors():
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=name, Body=data, IfNoneMatch="*")
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "412",
+                                                                  "ConditionalRequestConflict"}:
+                    return False
+                raise
+        return True
 
     def get(self, key: str) -> bytes:
         name = self._name(key)

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from history.store import HistoryStore
 from models.datasets import DataCatalog
-from models.manifest import CardIndex, GeneratorIndex
+from models.registry_store import open_registries
 from models.store import open_store
 from service import docs_ui, errors
 from service.errors import Problem, problem_response
@@ -112,10 +112,12 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     app.state.queues = Queues(app.state.redis, settings, app.state.history,
                               TeamLimits(app.state.redis, settings))
     app.state.metrics = registry_for(app.state.queues)  # scraped with the process-wide instruments
-    app.state.index = CardIndex.default([settings.models_root])
-    app.state.generators = GeneratorIndex([settings.generators_root])
     app.state.store = open_store(settings)
-    app.state.data = DataCatalog(settings.data_dir, settings.datasets_root, app.state.store)
+    registries = open_registries(settings, app.state.store)  # the var dir, or the S3 store
+    app.state.index = registries.models
+    app.state.generators = registries.generators
+    app.state.data = DataCatalog(settings.data_dir, settings.datasets_root, app.state.store,
+                                 index=registries.datasets)
     errors.install(app)
     for module in (health, oip, models, datasets, infer, generators, attacks, defenses, audits, jobs, history):
         app.include_router(module.router)

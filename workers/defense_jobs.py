@@ -2,8 +2,9 @@
 
 Orchestration only (the tensor work lives in ``workers/defenses``): validate the payload, load
 the base model and the data, run the recipe with progress and cancel checks, measure the result,
-and publish it. Publishing is the last step and is atomic (``models.publish.publish_files``): a job
-killed or canceled at any point leaves no registry entry behind.
+and publish it. Publishing is the last step and is atomic (``VersionedIndex.publish``: a staging
+directory renamed into place, or the card put last in the S3 store): a job killed or canceled at
+any point leaves no registry entry behind.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ from models.manifest import (
     Lineage,
     ModelCard,
     RobustnessEvaluation,
-    team_file,
 )
-from models.publish import PublishError, publish_files
+from models.publish import PublishError
 from models.registry import (
     assemble,
     build_body,
@@ -73,13 +73,14 @@ def run_defense(payload: dict[str, Any]) -> dict[str, Any]:
     """RQ job: run one defense and publish its model (or detector); returns a summary."""
     def body(spec: DefenseJob, job: Job | None) -> dict[str, Any]:
         ctx = context()
-        return execute_defense(spec, ctx, job, ctx.settings.models_root)
+        return execute_defense(spec, ctx, job, ctx.cache.index.writable)
 
     return entry(payload, DefenseJob, body)
 
 
 def execute_defense(spec: DefenseJob, ctx: Context, job: Job | None, root: Path) -> dict[str, Any]:
-    """Run ``spec`` and publish under ``root`` (the worker's registry; the hosted directory when
+    """Run ``spec`` and publish under ``root`` (the worker's registry, ``ctx.cache.index.writable``:
+    its var dir, or the S3 store's copy, which publishes to the store; the hosted directory when
     ``make models`` builds the hosted defenses through this same code)."""
     started = time.perf_counter()
     defense = spec.defense
@@ -172,11 +173,8 @@ def _publish(spec: DefenseJob, ctx: Context, root: Path, card: ModelCard, files:
     if set(files) != set(digests) or any(sha256_hex(data) != digests[name] for name, data in files.items()):
         raise JobFailure(f"{card.name}: expected files {sorted(digests)} matching the card's sha256, "
                          f"got {sorted(files)}", "publish-failed")
-    taken = [v for r in ctx.cache.index.roots if r != root
-             for v in ([] if not (r / card.name).is_dir() else
-                       [int(p.name) for p in (r / card.name).iterdir() if p.name.isdigit()])]
     try:
-        return publish_files(root, card, files, taken)
+        return ctx.cache.index.publish(card, files, root)
     except PublishError as exc:
         raise JobFailure(str(exc), "publish-failed") from exc
 
@@ -412,7 +410,5 @@ def _feature_squeezing(spec: DefenseJob, defense: FeatureSqueezingParams, ctx: C
                         seed=spec.seed, parameters={**defense.model_dump(mode="json", exclude={"name"}),
                                                     "attacks_detail": attacks}, created=_now()))
     _check_cancel(job)
-    path = root / card.name / str(card.version)
-    path = path / ("detector.json" if spec.team is None else f"detectors/{team_file(spec.team)}")
-    detector.write(path)
+    ctx.cache.index.write_detector(card, detector, root)
     return {"model": card.ref, "detector": detector.model_dump(mode="json"), "attacks": attacks}

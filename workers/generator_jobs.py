@@ -5,7 +5,8 @@ Orchestration only (the training lives in ``workers/generators/advgan.py``, the 
 ``workers/attacks/advgan.py``): validate the payload, load the target and the data, train with
 progress and cancel checks, run the ``advgan`` attack through the same chunk loop as an attack
 job on the held-out slice, and publish. Publishing is the last step and is atomic
-(``models.publish.publish_files``): a job killed or canceled at any point leaves no generator.
+(``VersionedIndex.publish``: a staging directory renamed into place, or the card put last in the
+S3 store): a job killed or canceled at any point leaves no generator.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from models.architectures import build
 from models.manifest import DISCRIMINATOR_FILE, GENERATOR_FILE, NAME_RE, GeneratorCard, Lineage, ModelCard
-from models.publish import PublishError, publish_files
+from models.publish import PublishError
 from models.registry import assemble, sha256_hex
 from workers.classifier import Classifier
 from workers.defense_jobs import _data, _now
@@ -43,7 +44,7 @@ def run_generator(payload: dict[str, Any]) -> dict[str, Any]:
     """RQ job: train one AdvGAN generator and publish it; returns a summary."""
     def body(spec: GeneratorJob, job: Job | None) -> dict[str, Any]:
         ctx = context()
-        return execute_generator(spec, ctx, job, ctx.settings.generators_root)
+        return execute_generator(spec, ctx, job, ctx.generators.index.writable)
 
     return entry(payload, GeneratorJob, body)
 
@@ -163,7 +164,7 @@ def execute_generator(spec: GeneratorJob, ctx: Context, job: Job | None, root: P
         metrics["queries"] = float(result.queries)
     _check_cancel(job)
     try:
-        published = publish_files(root, draft.model_copy(update={"metrics": metrics}), files)
+        published = ctx.generators.index.publish(draft.model_copy(update={"metrics": metrics}), files, root)
     except (PublishError, OSError) as exc:
         raise JobFailure(f"could not publish {spec.output}: {exc}", "publish-failed") from exc
     seconds = round(time.perf_counter() - started, 3)

@@ -6,8 +6,9 @@ limits, runs a probe batch and checks what only running it can show: output shap
 ``(N, len(classes))``, finite logits, determinism (two forward passes equal), usable input
 gradients (else the card says ``gradients: false`` and audits use black-box attacks). It then
 measures forward and forward+backward throughput to choose the chunk size jobs will use, and
-only then publishes the version atomically (``models.publish.publish_files``: staging directory
-+ rename). A failed check publishes nothing, and the job's error says which check failed and why.
+only then publishes the version atomically (``VersionedIndex.publish``: a staging directory
+renamed into place, or, with the S3 store, the files then the card as the commit marker). A
+failed check publishes nothing, and the job's error says which check failed and why.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from models.manifest import (
     RegistrationJob,
     Throughput,
 )
-from models.publish import PublishError, publish_files
+from models.publish import PublishError
 from models.registry import ModelLoadError, assemble, build_body
 from workers.classifier import Classifier
 from workers.errors import JobFailure
@@ -99,10 +100,8 @@ def _register(spec: RegistrationJob, job: Job | None) -> dict[str, Any]:
                 parameters=parameters, opset=spec.opset, throughput=rows, checks=checks,
                 created=_now(), job=spec.job_id),
         })
-        taken = [v for root in ctx.cache.index.roots if root != ctx.settings.models_root
-                 for v in _versions(root / upload.name)]
-        try:
-            card = publish_files(ctx.settings.models_root, card, {_file_name(spec): data}, taken)
+        try:  # into the worker's registry: its var dir, or the S3 store every machine shares
+            card = ctx.cache.index.publish(card, {_file_name(spec): data})
         except PublishError as exc:
             raise JobFailure(str(exc), "publish-failed") from exc
     finally:
@@ -115,10 +114,6 @@ def _register(spec: RegistrationJob, job: Job | None) -> dict[str, Any]:
 
 def _file_name(spec: RegistrationJob) -> str:
     return ONNX_FILE if spec.format == "onnx" else WEIGHTS_FILE
-
-
-def _versions(base: Any) -> list[int]:
-    return [int(p.name) for p in base.iterdir() if p.name.isdigit()] if base.is_dir() else []
 
 
 def _draft(spec: RegistrationJob) -> ModelCard:

@@ -13,8 +13,9 @@ that ended longer ago than that, oldest first, at most ``PURGE_LIMIT`` per sweep
 ``PURGE_BATCH``: their Redis keys, their blobs (``jobs/<id>/``, ``inputs/<id>.npz``, ``uploads/<id>/``,
 ``audits/<id>/``), then their history rows in one transaction per batch. The blobs go first: a
 purge cut short leaves a job whose rows the next sweep removes, never blobs nobody can find. A job
-Redis still has queued or running is left alone, and model versions are no job's blobs (they live
-under the models root). Torch-free.
+Redis still has queued or running is left alone, and model versions are no job's blobs. The sweep
+also removes the files of registry publications cut short in the store (``registry/``, S3
+backend: ``models.registry_store.sweep_unpublished``). Torch-free.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.errors import CANCEL_KEY
 from history.store import HistoryStore
+from models.registry_store import sweep_unpublished
 from models.store import BlobStore
 from workers.settings import CommonSettings
 
@@ -173,6 +175,10 @@ class Sweeper:
         deleted = sweep_orphans(self.store, self.redis, self.history, self.settings.sweep_grace_s)
         if deleted:
             log.info("sweep: removed %d orphan blobs: %s", len(deleted), deleted[:20])
+        unpublished = sweep_unpublished(self.store, self.settings.sweep_grace_s)
+        if unpublished:
+            log.info("sweep: removed %d files of unfinished registry publications: %s",
+                     len(unpublished), unpublished[:20])
         self.purged = purge_expired(self.store, self.redis, self.history, self.settings.retention_days)
         return deleted
 

@@ -15,7 +15,6 @@ from rq.job import Job
 from contracts.specs import DatasetInputs, GeneratorJob, GeneratorRequest, JobView
 from models.datasets import DataCatalog
 from models.manifest import NAME_RE, CardIndex, GeneratorIndex, ModelCard
-from models.publish import unpublish
 from service import inputs as inp
 from service.deps import (
     DataCatalogDep,
@@ -165,8 +164,7 @@ def delete_generator(ref: str, generators: GeneratorsDep, team: TeamDep) -> Resp
     if card.team != team:
         raise Problem(403, f"generator: {card.ref} is hosted; only its owner can delete it",
                       field="generator", code="forbidden")
-    directory = generators.directory(name, version)
-    if directory is None or not unpublish(directory.parent.parent, name, version):
+    if not generators.unpublish(name, version):
         raise Problem(404, f"generator: expected a trained generator, got {ref!r} (deleted meanwhile)",
                       field="generator", code="unknown-generator")
     return Response(status_code=204)

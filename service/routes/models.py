@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -19,9 +18,8 @@ from starlette.datastructures import UploadFile
 from contracts.specs import JobView
 from models.catalog_names import NAMES as ARCHITECTURES
 from models.catalog_names import check_input
-from models.manifest import CARD_FILE, ModelCard, ModelUpload, RegistrationJob
+from models.manifest import ModelUpload, RegistrationJob
 from models.onnx_check import OnnxFormatError, inspect_onnx
-from models.publish import unpublish
 from models.upload_check import UploadFormatError, inspect_safetensors, sniff_pickle
 from service.deps import QueueDep, RegistryDep, SettingsDep, StoreDep, TeamDep, visible_card
 from service.errors import Problem, invalid
@@ -95,7 +93,7 @@ def get_model(ref: str, index: RegistryDep, team: TeamDep) -> dict[str, Any]:
 
 
 @router.delete("/{ref}", status_code=204, responses={204: {"description": "version deleted"}})
-def delete_model(ref: str, index: RegistryDep, settings: SettingsDep, team: TeamDep) -> Response:
+def delete_model(ref: str, index: RegistryDep, team: TeamDep) -> Response:
     """Delete one version of one of your models (``name@version``); its number is never reused.
     Hosted models cannot be deleted."""
     name, version = exact_version(ref, "model")
@@ -103,7 +101,7 @@ def delete_model(ref: str, index: RegistryDep, settings: SettingsDep, team: Team
     if card.team is None:
         raise Problem(403, f"{card.ref} is a hosted model: expected one of your own models",
                       code="hosted-model")
-    if not unpublish(settings.models_root, name, version):
+    if not index.unpublish(name, version):
         raise Problem(404, f"model: expected a registered model name (GET /v1/models), got {ref!r}",
                       field="model", code="unknown-model")
     return Response(status_code=204)
@@ -143,22 +141,13 @@ def _check_shape(upload: ModelUpload, settings: Settings) -> None:
 
 
 def _check_quota(index: RegistryDep, settings: Settings, team: str, size: int) -> None:
-    """Versions and bytes this team holds under the registry root, against its quotas."""
+    """Versions and bytes this team holds in the registry (the var dir or the store), against its
+    quotas."""
     count, held = 0, 0
-    root = settings.models_root
-    for name in index.names():
-        for version in index.versions(name):
-            directory = index.directory(name, version)
-            if directory is None or directory.parent.parent != root:
-                continue
-            try:
-                card = ModelCard.read(directory / CARD_FILE)
-            except (OSError, ValueError):
-                continue
-            if card.team != team:
-                continue
+    for card, stored in index.entries():
+        if card.team == team:
             count += 1
-            held += sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())
+            held += stored
     if count >= settings.max_models_per_team:
         raise Problem(429, f"expected at most {settings.max_models_per_team} model versions per team, "
                            f"your team holds {count}: delete some (DELETE /v1/models/{{name}}@{{version}})",

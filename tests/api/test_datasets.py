@@ -314,7 +314,7 @@ def test_a_failed_publish_leaves_no_blob_behind(teams: TestClient, keyed: Settin
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise PublishError("disk full")
 
-    monkeypatch.setattr(datasets, "publish_files", fail)
+    monkeypatch.setattr(datasets.DatasetIndex, "publish", fail)
     before = state(teams, keyed)
     assert upload(teams, {"name": "my-eval"}, eval_set()).status_code == 500
     assert state(teams, keyed) == before

@@ -30,6 +30,16 @@ def test_put_get_exists_delete(any_store: BlobStore) -> None:  # noqa: F811
         any_store.get("jobs/a/x.bin")
 
 
+def test_create_writes_only_what_is_not_there(any_store: BlobStore) -> None:  # noqa: F811
+    """The create-if-absent that registry version claims rely on (If-None-Match on S3)."""
+    assert any_store.create("registry/models/m/1.claim", b"first")
+    assert not any_store.create("registry/models/m/1.claim", b"second")
+    assert any_store.get("registry/models/m/1.claim") == b"first"
+    assert any_store.list("registry") == ["registry/models/m/1.claim"]  # no temporary file left
+    with pytest.raises(ValueError):
+        any_store.create("../x", b"")
+
+
 def test_list_scan_and_delete_prefix(any_store: BlobStore) -> None:  # noqa: F811
     before = time.time()
     for key, data in {"jobs/a/x.bin": b"1", "jobs/a/sub/y.bin": b"22", "jobs/ab/z.bin": b"333",
