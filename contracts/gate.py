@@ -47,11 +47,18 @@ METRICS: dict[str, str | None] = {
     "clean_accuracy": None,
     "robust_accuracy": "norm:eps",
     "detect_reject_accuracy": "norm:eps",
+    "adaptive_detect_reject_accuracy": "norm:eps",
     "median_perturbation": "norm",
     "masking_checks": None,
     "transfer_success_rate": "norm:eps",
 }
-RATES = frozenset({"clean_accuracy", "robust_accuracy", "detect_reject_accuracy", "transfer_success_rate"})
+RATES = frozenset({"clean_accuracy", "robust_accuracy", "detect_reject_accuracy",
+                   "adaptive_detect_reject_accuracy", "transfer_success_rate"})
+# Detect-and-reject accuracy (classified correctly or rejected by the model's detector) under the
+# suite's attacks, which do not know the detector (oblivious), and under the adaptive attack on model
+# and detector jointly (``workers.attacks.squeeze_adaptive``): the first overstates what the detector
+# stops; gate on the second.
+DETECTOR_METRICS = ("detect_reject_accuracy", "adaptive_detect_reject_accuracy")
 SYNTAX = "expected `<metric>[@<norm>:<eps>][.lower|.upper] <op> <value>`"
 _BASELINE = re.compile(r"^baseline(?:\s*([+-])\s*(.*))?$", re.IGNORECASE)
 _SUFFIX = re.compile(r"\.\s*([A-Za-z_]\w*)\s*$")  # a word after the last dot: never part of an eps
@@ -59,6 +66,7 @@ EXAMPLES = {
     "clean_accuracy": "clean_accuracy >= 0.9",
     "robust_accuracy": "robust_accuracy@linf:8/255 >= 0.4",
     "detect_reject_accuracy": "detect_reject_accuracy@linf:0.1 >= 0.6",
+    "adaptive_detect_reject_accuracy": "adaptive_detect_reject_accuracy@linf:0.1 >= 0.3",
     "median_perturbation": "median_perturbation@l2 >= 0.5",
     "masking_checks": "masking_checks == pass",
     "transfer_success_rate": "transfer_success_rate@linf:0.1 <= 0.3",
@@ -365,10 +373,13 @@ def _measure(line: GateLine, result: Mapping[str, Any]) -> Measured:
     assert eps is not None
     if metric == "robust_accuracy":
         return _eps_entry(result, metric, result.get(metric), norm, eps, "(the sweep measured {})")
-    if metric == "detect_reject_accuracy":
+    if metric in DETECTOR_METRICS:
         detector = result.get("detector")
         if not isinstance(detector, Mapping):
             return None, "the detector section did not run (no calibrated detector?)", None
+        if not detector.get(metric) and metric == "adaptive_detect_reject_accuracy":
+            return None, ("the adaptive attack on the detector did not run (an audit from before it "
+                          "existed?)"), None
         return _eps_entry(result, metric, detector.get(metric), norm, eps, "(measured {})")
     # transfer_success_rate: the most successful surrogate at that budget (by the bound, for a bound)
     runs = result.get("transfer")
@@ -513,8 +524,9 @@ def metric_keys(result: Mapping[str, Any]) -> list[str]:
     if isinstance(masking, Mapping) and masking.get("status") in MASKING_VALUES:
         keys.append("masking_checks")
     detector = result.get("detector")
-    if isinstance(detector, Mapping) and isinstance(detector.get("detect_reject_accuracy"), Mapping):
-        keys += [f"detect_reject_accuracy@{k}" for k in detector["detect_reject_accuracy"]]
+    for metric in DETECTOR_METRICS:
+        if isinstance(detector, Mapping) and isinstance(detector.get(metric), Mapping):
+            keys += [f"{metric}@{k}" for k in detector[metric]]
     transfer = result.get("transfer")
     if isinstance(transfer, list):
         labels = dict.fromkeys(str(r["eps_label"]) for r in transfer

@@ -48,7 +48,9 @@ def junit_xml(result: Mapping[str, Any], suite_name: str, *,
               extra_properties: Mapping[str, Any] | None = None) -> bytes:
     """One ``<testcase>`` per gate line of ``result["gate"]`` (a ``<failure type="gate">`` with the
     line's detail when it failed), or one passing ``audit completed`` case when nothing was gated.
-    Properties: model, suite, n, clean accuracy, robust accuracy per eps (each rate followed by a
+    Properties: model, suite, n, clean accuracy, robust accuracy per eps, with a detector the
+    detect-and-reject accuracy per eps under the oblivious attacks (``detect_reject_accuracy@...``) and
+    under the adaptive one (``adaptive_detect_reject_accuracy@...``) (each rate followed by a
     ``<name>.interval`` property with its 95% interval and sample count), masking status, baseline,
     verdict. A line that compares with the baseline also carries both values, their difference and
     whether it is significant as properties of its test case (and in its message)."""
@@ -97,6 +99,13 @@ def junit_xml(result: Mapping[str, Any], suite_name: str, *,
             properties[f"robust_accuracy@{key}"] = value
             if ci := interval_text(bands.get(key)):
                 properties[f"robust_accuracy@{key}.interval"] = ci
+    detector = _section(result, "detector")
+    for metric in ("detect_reject_accuracy", "adaptive_detect_reject_accuracy"):  # oblivious, adaptive
+        table, metric_bands = _section(detector, metric), _section(intervals, metric)
+        for key, value in table.items():
+            properties[f"{metric}@{key}"] = "" if value is None else value
+            if ci := interval_text(metric_bands.get(key)):
+                properties[f"{metric}@{key}.interval"] = ci
     baseline = result.get("baseline")
     if isinstance(baseline, Mapping):
         properties["baseline"] = f"{baseline.get('audit')} ({baseline.get('model')})"

@@ -168,6 +168,8 @@ def _save(result: Chunk, minimal_keys: list[str]) -> bytes:
         arrays[f"flagged.{norm}"] = value
     for norm, value in result.flagged_by_stage.items():
         arrays[f"flagged_by_stage.{norm}"] = value
+    for norm, value in result.evaded_adaptive.items():
+        arrays[f"evaded_adaptive.{norm}"] = value
     if result.clean_flagged is not None:
         arrays["clean_flagged"] = result.clean_flagged
     if result.clean_images is not None:
@@ -202,6 +204,7 @@ def _load(data: bytes) -> Chunk:
         counters=meta["counters"], bpda=meta["bpda"], eot=meta["eot"],
         flagged_by_stage={k.split(".", 1)[1]: v for k, v in arrays.items()
                           if k.startswith("flagged_by_stage.")},
+        evaded_adaptive={k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("evaded_adaptive.")},
         images={n: arrays[f"images.{n}"] for n in norms},
         image_preds={n: arrays[f"image_preds.{n}"] for n in norms},
         clean_images=arrays.get("clean_images"),
@@ -235,10 +238,11 @@ def _audit_chunk(spec: AuditChunkJob, job: Job | None) -> dict[str, Any]:
     y = (torch.from_numpy(y_np).to(model.device) if y_np is not None and labelled
          else model.predict(x, batch).argmax(1))
     found = ctx.cache.index.detector(card, spec.team)
-    detector = Detector(found.squeezers, found.threshold) if found is not None else None
+    detector = None if found is None else Detector(found.squeezers, found.threshold, spec.audit.adaptive_steps)
     plan = build_plan(spec.audit, detector, surrogates, batch, card.num_classes)
     generator = torch.Generator(device=model.device).manual_seed(spec.seed + spec.index)
     total = sum(len(s) * len(plan.grids[n]) for n, s in plan.stages.items()) + len(plan.minimal) + 2
+    total += 0 if detector is None else sum(len(grid) for grid in plan.grids.values())  # the adaptive attack
     done = [0]
 
     def on_stage(what: str) -> None:
@@ -290,7 +294,7 @@ def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
     bounded, minimal = stage_names(spec.audit, card.num_classes)
     found = ctx.cache.index.detector(card, spec.team)
     detector = None if found is None else {"threshold": found.threshold, "fpr": found.fpr,
-                                           "model": found.model}
+                                           "model": found.model, "adaptive_steps": spec.audit.adaptive_steps}
     result = merge(chunks, spec.audit.grids, bounded, minimal, card.classes, detector=detector)
     result = nan_to_none(result)
     result.update({"model": card.ref, "suite": spec.audit.suite, "seed": spec.seed,

@@ -171,6 +171,8 @@ def check_audit(body: AuditRequest, card: ModelCard, n: int, labels: np.ndarray 
     if body.n_target_classes > card.num_classes - 1:
         raise invalid("n_target_classes", f"expected at most {card.num_classes - 1}, "
                                           f"got {body.n_target_classes}")
+    if body.adaptive_steps > settings.max_steps:
+        raise invalid("adaptive_steps", f"expected at most {settings.max_steps}, got {body.adaptive_steps}")
     if body.square_queries > settings.max_queries:
         raise invalid("square_queries", f"expected at most {settings.max_queries}, "
                                         f"got {body.square_queries}")
@@ -184,6 +186,7 @@ def check_audit(body: AuditRequest, card: ModelCard, n: int, labels: np.ndarray 
     check_eps = {norm: _nearest(grid, DEFAULT_CHECK_EPS[norm] * scale) for norm, grid in grids.items()}
     return AuditSpec(suite=suite, attacks=body.attacks, grids=grids, check_eps=check_eps, steps=body.steps,
                      n_target_classes=body.n_target_classes, square_queries=body.square_queries,
+                     adaptive_steps=body.adaptive_steps,
                      per_attack_curves=body.per_attack_curves, surrogates=surrogates, transfer_eps=transfer_eps,
                      thresholds=body.thresholds, notes=notes)
 

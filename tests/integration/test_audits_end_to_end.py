@@ -24,8 +24,9 @@ GRID = {"linf": [0.02, 0.1, 0.3]}
 def test_quick_audit_with_a_gate_report_and_artifacts(service: httpx.Client) -> None:
     response = service.post("/v1/audits", json={
         "model": "fmnist-cnn", "suite": "quick", "eps": GRID, "steps": 10, "chunk_size": 24, "seed": 0,
-        "inputs": {"dataset": "fashion-mnist:test", "offset": 0, "limit": 48},
-        "thresholds": ["clean_accuracy >= 0.8", "robust_accuracy@linf:0.1 >= 0.5", "masking_checks == pass"]})
+        "adaptive_steps": 10, "inputs": {"dataset": "fashion-mnist:test", "offset": 0, "limit": 48},
+        "thresholds": ["clean_accuracy >= 0.8", "robust_accuracy@linf:0.1 >= 0.5", "masking_checks == pass",
+                       "adaptive_detect_reject_accuracy@linf:0.1 <= 1"]})
     assert response.status_code == 202, response.text
     audit_id = response.json()["id"]
     job = wait(service, audit_id)
@@ -46,12 +47,21 @@ def test_quick_audit_with_a_gate_report_and_artifacts(service: httpx.Client) -> 
     assert gate["verdict"] == "fail"
     assert [line["passed"] for line in gate["lines"]][:2] == [True, False]
     assert result["detector"] is not None  # the hosted fmnist-cnn has a calibrated detector
-    assert 0 <= result["detector"]["detect_reject_accuracy"]["linf:0.1"] <= 1
+    # Detect-and-reject under the suite's (oblivious) examples and under the adaptive attack on model
+    # and detector (10 steps per eps here, with the chunks' time counted apart).
+    oblivious = result["detector"]["detect_reject_accuracy"]
+    adaptive = result["detector"]["adaptive_detect_reject_accuracy"]
+    assert list(adaptive) == list(oblivious) == ["linf:0.02", "linf:0.1", "linf:0.3"]
+    assert all(0 <= adaptive[k] <= oblivious[k] <= 1 for k in oblivious)
+    assert result["detector"]["adaptive"]["steps"] == 10 and result["counters"]["seconds_adaptive"] > 0
+    assert result["intervals"]["adaptive_detect_reject_accuracy"]["linf:0.1"]["n"] == 48
+    assert gate["lines"][3]["passed"] and gate["lines"][3]["estimate"] == adaptive["linf:0.1"]
 
     assert set(result["artifacts"]) == {"report.html", "samples.csv", "audit.json"}
     page = service.get(f"/v1/jobs/{audit_id}/artifacts/report.html")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "fmnist-cnn@1" in page.text and page.text.count("<img") >= 3
+    assert "detect-and-reject accuracy (adaptive)" in page.text and "Oblivious" in page.text
     rows = list(csv.DictReader(io.StringIO(service.get(f"/v1/jobs/{audit_id}/artifacts/samples.csv").text)))
     assert len(rows) == 48 and {"linf_min_eps", "linf_attack"} <= set(rows[0])
     assert json.loads(service.get(f"/v1/jobs/{audit_id}/artifacts/audit.json").text)["n"] == 48

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,18 +16,23 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 import workers.jobs
-from contracts.gate import eps_key, parse_eps_key
+from contracts.gate import eps_key, evaluate_gate, metric_keys, parse_eps_key, parse_gate
+from contracts.junit import junit_xml
 from models.architectures import build
-from models.manifest import Lineage, ModelCard
+from models.manifest import DETECTOR_FILE, DetectorCard, Lineage, ModelCard
 from models.registry import publish, sha256_hex, weights_bytes
+from service.cli import _print_summary
 from service.errors import Problem
 from service.routes.audits import check_audit
 from service.settings import Settings
 from workers.attacks.cw import CarliniWagnerL2Spec
 from workers.attacks.deepfool import DeepFoolSpec
+from workers.audit.report import render_report
 from workers.audit_jobs import _audit_chunk, _audit_merge, build_plan
+from workers.defenses.squeeze import calibrate_threshold, squeeze_scores
 from workers.jobs import Context, make_context
 from workers.settings import WorkerSettings
 from workers.specs import AuditChunkJob, AuditMergeJob, AuditRequest, AuditSpec, InputRef
@@ -322,3 +328,92 @@ def test_the_audit_reports_its_own_time_and_the_merges(ctx: Context) -> None:
     assert len(chunks) == 2 and result["seconds"] >= sum(c["seconds"] for c in chunks)
     assert 0 < result["merge_seconds"] <= result["seconds"]
 
+
+
+# --- the detector: oblivious and adaptive detect-and-reject ------------------------------------------------
+
+
+GUARD = (({"name": "bit-depth", "bits": 2},), ({"name": "median", "size": 2},))
+
+
+@pytest.fixture(scope="module")
+def guarded(ctx: Context) -> str:
+    """``tiny-guarded``: the tiny net with a feature-squeezing detector, its threshold calibrated on
+    64 clean inputs (not the audited ones) for 10% false positives, stored beside its card."""
+    card = _publish(ctx.settings.models_root, "tiny-guarded", seed=0)
+    _, handle = ctx.cache.get(card.ref)
+    clean = torch.from_numpy(_inputs(64, seed=9))
+    threshold = calibrate_threshold(squeeze_scores(handle.module, clean, GUARD, handle.bounds), 0.1)
+    detector = DetectorCard(model=card.ref, squeezers=GUARD, threshold=threshold, fpr=0.1,
+                            lineage=Lineage(base_model=card.ref, recipe="feature-squeezing", data="-", seed=0,
+                                            created="2026-12-05T00:00:00Z"))
+    detector.write(ctx.settings.models_root / card.name / str(card.version) / DETECTOR_FILE)
+    return card.name
+
+
+def test_detector_figures_under_oblivious_and_adaptive_attacks_and_their_gate_report_and_junit(
+        ctx: Context, guarded: str) -> None:
+    x = _inputs(16)
+    y = _own_labels(ctx, f"{guarded}@1", x)
+    request = {"model": guarded, "suite": "quick", "steps": 5, "eps": {"linf": [0.05, 0.1]},
+               "adaptive_steps": 10,
+               "thresholds": ["detect_reject_accuracy@linf:0.1 >= 0",
+                              "adaptive_detect_reject_accuracy@linf:0.1 >= 0",
+                              "adaptive_detect_reject_accuracy@linf:0.1 >= 1",
+                              "adaptive_detect_reject_accuracy@linf:0.1.upper <= 1"]}
+    result, chunks = run_audit(ctx, request, x, y)
+    detector = result["detector"]
+    assert detector["adaptive"]["attack"] == "squeeze-adaptive" and detector["adaptive"]["steps"] == 10
+    assert set(detector["evaluations"]) == {"oblivious", "adaptive"}
+    oblivious, adaptive = detector["detect_reject_accuracy"], detector["adaptive_detect_reject_accuracy"]
+    assert list(oblivious) == list(adaptive) == ["linf:0.05", "linf:0.1"]
+    # The adaptive adversary has the oblivious examples too: never more stopped; here strictly fewer.
+    assert all(adaptive[k] <= oblivious[k] for k in oblivious)
+    assert adaptive["linf:0.1"] < oblivious["linf:0.1"]
+    run = detector["adaptive"]
+    assert 0 < run["sample_eps_evaded"] <= run["sample_eps_attacked"] <= 2 * 16
+    assert result["counters"]["seconds_adaptive"] > 0
+    for key, rate in adaptive.items():  # n and the 95% Wilson interval, like every other accuracy
+        band = result["intervals"]["adaptive_detect_reject_accuracy"][key]
+        assert band["n"] == 16 and band["k"] == round(rate * 16) and band["lower"] <= rate <= band["upper"]
+
+    lines = result["gate"]["lines"]
+    assert [line["passed"] for line in lines] == [True, True, False, True]
+    assert lines[2]["detail"].startswith(f"measured {adaptive['linf:0.1']:.6g} (95% CI ")
+    assert lines[2]["detail"].endswith("expected >= 1")
+    assert {f"adaptive_detect_reject_accuracy@{k}" for k in adaptive} <= set(metric_keys(result))
+
+    page = render_report(result, None, CLASSES)
+    section = page[page.index('<section id="detector">'):].split("</section>")[0]
+    assert "Oblivious" in section and "Adaptive" in section and "squeeze-adaptive" in section
+    assert "detect-and-reject accuracy (adaptive)" in section
+    assert f"{100 * adaptive['linf:0.1']:.1f}%" in section and f"{100 * oblivious['linf:0.1']:.1f}%" in section
+
+    properties = {p.get("name"): p.get("value") for p in ET.fromstring(junit_xml(result, "s")).iter("property")}
+    assert properties["adaptive_detect_reject_accuracy@linf:0.1"] == str(adaptive["linf:0.1"])
+    assert properties["detect_reject_accuracy@linf:0.1"] == str(oblivious["linf:0.1"])
+    assert properties["adaptive_detect_reject_accuracy@linf:0.1.interval"].endswith("n=16")
+
+    console = Console(record=True, width=200)
+    _print_summary(result, result["gate"], "report", console)
+    summary = console.export_text()
+    assert "detect/reject accuracy @ linf:0.1 (adaptive attack)" in summary
+    assert "detect/reject accuracy @ linf:0.1 (oblivious attack)" in summary
+
+
+def test_an_audit_without_the_adaptive_figures_fails_its_adaptive_line_and_steps_are_bounded(
+        ctx: Context, guarded: str) -> None:
+    x = _inputs(8)
+    result, _ = run_audit(ctx, {"model": guarded, "suite": "quick", "steps": 2, "eps": {"linf": [0.1]},
+                                "adaptive_steps": 2}, x, _own_labels(ctx, f"{guarded}@1", x))
+    result["detector"]["adaptive_detect_reject_accuracy"] = {}  # as a chunk stored before they existed
+    verdict = evaluate_gate(parse_gate(["adaptive_detect_reject_accuracy@linf:0.1 >= 0"]), result)
+    assert verdict["verdict"] == "fail"
+    assert "the adaptive attack on the detector did not run" in verdict["lines"][0]["detail"]
+    with pytest.raises(Problem) as info:
+        _spec(ctx, {"model": guarded, "adaptive_steps": 5000}, 8, None)
+    assert info.value.status == 422 and "adaptive_steps" in info.value.detail
+    with pytest.raises(Problem) as info:
+        _spec(ctx, {"model": guarded, "thresholds": ["adaptive_detect_reject_accuracy@linf:0.5 >= 0.1"]}, 8,
+              None)
+    assert info.value.status == 422 and "expected an eps of the linf grid" in info.value.detail

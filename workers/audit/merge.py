@@ -53,6 +53,9 @@ class Chunk:
     flagged: dict[str, np.ndarray] = field(default_factory=dict)
     flagged_by_stage: dict[str, np.ndarray] = field(default_factory=dict)
     clean_flagged: np.ndarray | None = None
+    # norm -> (eps, n) bool: the adaptive adversary (the oblivious worst case or the joint attack on
+    # model and detector, ``battery.adaptive_evasions``) has a misclassified, unflagged example
+    evaded_adaptive: dict[str, np.ndarray] = field(default_factory=dict)
     transfer: dict[str, np.ndarray] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)
     bpda: bool = False
@@ -176,22 +179,29 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
 
     result["detector"] = None
     if detector is not None and worst_by_norm:
-        info: dict[str, Any] = {**detector, "detection_rate": {}, "detect_reject_accuracy": {},
-                                "detection_rate_by_attack": {}}
+        info = _detector_info(detector, counters)
         clean_flagged = _cat([c.clean_flagged for c in chunks if c.clean_flagged is not None])
         info["clean_rejection_rate"] = _rate(clean_flagged, n)
         intervals["clean_rejection_rate"] = _interval(clean_flagged, n)
         intervals["detection_rate"], intervals["detect_reject_accuracy"] = {}, {}
+        intervals["adaptive_detect_reject_accuracy"] = {}
         for norm, worst in worst_by_norm.items():
             flagged = _cat([c.flagged[norm] for c in chunks])
+            parts = [c.evaded_adaptive.get(norm) for c in chunks]
+            evaded = _cat([p for p in parts if p is not None]) if all(p is not None for p in parts) else None
             for e, eps in enumerate(grids[norm]):
                 broken = correct & ~worst[e]
                 key = eps_key(norm, eps)
                 info["detection_rate"][key] = _rate(flagged[e] & broken, int(broken.sum()))
                 intervals["detection_rate"][key] = _interval(flagged[e] & broken, int(broken.sum()))
                 # An attacked input counts as stopped if it is classified correctly or rejected.
-                info["detect_reject_accuracy"][key] = _rate(worst[e] | (broken & flagged[e]), n)
-                intervals["detect_reject_accuracy"][key] = _interval(worst[e] | (broken & flagged[e]), n)
+                stopped = worst[e] | (broken & flagged[e])
+                info["detect_reject_accuracy"][key] = _rate(stopped, n)
+                intervals["detect_reject_accuracy"][key] = _interval(stopped, n)
+                if evaded is not None:  # the adaptive adversary also has the oblivious examples
+                    adaptive = stopped & ~evaded[e]
+                    info["adaptive_detect_reject_accuracy"][key] = _rate(adaptive, n)
+                    intervals["adaptive_detect_reject_accuracy"][key] = _interval(adaptive, n)
             by_stage = [c.flagged_by_stage.get(norm) for c in chunks]
             if stages.get(norm) and all(f is not None for f in by_stage):
                 flags = _cat([f for f in by_stage if f is not None])  # (stages, eps, n)
@@ -219,6 +229,31 @@ def merge(chunks: Sequence[Chunk], grids: Mapping[str, Sequence[float]], stages:
     result["masking_checks"] = masking_checks(counters, result, grids, stages, n_correct, tol, reach)
     result["counters"] = counters
     return result
+
+
+def _detector_info(detector: Mapping[str, Any], counters: Mapping[str, float]) -> dict[str, Any]:
+    """The detector section's frame: the detector's settings and which attack each figure answers.
+
+    ``detection_rate``, ``detection_rate_by_attack`` and ``detect_reject_accuracy``: *oblivious*,
+    the suite's examples, made without knowledge of the detector. ``adaptive_detect_reject_accuracy``:
+    *adaptive*, an attacker who also knows the detector (``workers.attacks.squeeze_adaptive``,
+    and the oblivious examples where those already pass it): the figure to trust."""
+    settings = {k: v for k, v in detector.items() if k != "adaptive_steps"}
+    steps = detector.get("adaptive_steps")
+    return {
+        **settings, "detection_rate": {}, "detect_reject_accuracy": {}, "detection_rate_by_attack": {},
+        "adaptive_detect_reject_accuracy": {},
+        "evaluations": {
+            "oblivious": "the suite's worst-case example per sample; the attacks do not know the detector "
+                         "(detection_rate, detection_rate_by_attack, detect_reject_accuracy)",
+            "adaptive": "squeeze-adaptive: PGD on model and detector jointly, BPDA through the squeezers "
+                        "(Carlini & Wagner 2017; Tramer et al. 2020), or the oblivious example where that "
+                        "already passes the detector (adaptive_detect_reject_accuracy)"},
+        "adaptive": {"attack": "squeeze-adaptive", "steps": steps,
+                     "sample_eps_attacked": int(counters.get("adaptive_attacked", 0.0)),
+                     "sample_eps_evaded": int(counters.get("adaptive_evaded", 0.0)),
+                     "seconds": round(counters.get("seconds_adaptive", 0.0), 3)},
+    }
 
 
 def _check(name: str, status: bool | str, evidence: str, **values: Any) -> dict[str, Any]:
