@@ -21,8 +21,9 @@ Every side gets its own fresh copy of the model and one torch thread. Every retu
 judged by the same rule: robust when the model still predicts the label on it (clipped to the
 bounds) and it lies within eps (1e-5 slack); adversa's battery projects and judges its own
 examples the same way. The wall time of each side is reported with the other load on the machine
-during it (busy cores not used by this process). Writes ``autoattack.md`` and ``autoattack.json``
-into ``--out`` after every model and eps, so a long run leaves what it finished.
+during it (busy cores not used by this process), and each attack's wall seconds on both sides (ours
+between the battery's stage notifications, the reference's from its log). Writes ``autoattack.md``
+and ``autoattack.json`` into ``--out`` after every model and eps, so a long run leaves what it finished.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Side:
     seconds: float
     other_load: float | None
     after: dict[str, float] = field(default_factory=dict)  # robust accuracy after each attack
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds of each attack
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -114,7 +116,12 @@ def ours(name: str, x: torch.Tensor, y: torch.Tensor, eps: float, batch: int) ->
     spec = AuditSpec(suite="autoattack", grids={"linf": [eps]}, check_eps={"linf": eps})
     plan = build_plan(spec, None, (), batch, model.num_classes)
     generator = torch.Generator().manual_seed(SEED)
-    out, wall, other = timed(lambda: run_battery(model, x, y, plan, generator=generator))
+    marks: list[tuple[str, float]] = []  # (stage description, when it started)
+    out, wall, other = timed(lambda: run_battery(model, x, y, plan, generator=generator,
+                                                 on_stage=lambda d: marks.append((d, time.perf_counter()))))
+    marks.append(("end", time.perf_counter()))
+    stage_seconds = {d.split()[0]: round(t1 - t0, 1) for (d, t0), (_, t1) in zip(marks, marks[1:], strict=False)
+                     if d.split()[0] in ("apgd-ce", "apgd-t", "fab-t", "square")}
     robust = torch.from_numpy(out.robust["linf"][:, 0])  # (stages, N), cumulative after the probe
     names = stage_names(spec, model.num_classes)[0]["linf"]
     after = {stage: float(robust[s].float().mean()) for s, stage in enumerate(names) if stage != "fgsm"}
@@ -123,10 +130,10 @@ def ours(name: str, x: torch.Tensor, y: torch.Tensor, eps: float, batch: int) ->
              "gradients": float(model.gradients), "queries": float(model.queries),
              "more_steps_attacked": out.counters.get("more_steps_attacked@linf", 0.0),
              "more_steps_broken": out.counters.get("more_steps_broken@linf", 0.0)}
-    return Side("adversa autoattack suite", worst, wall, other, after, extra)
+    return Side("adversa autoattack suite", worst, wall, other, after, extra=extra, stage_seconds=stage_seconds)
 
 
-_AFTER = re.compile(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%")
+_AFTER = re.compile(r"robust accuracy after ([A-Z-]+): ([0-9.]+)% \(total time ([0-9.]+) s\)")
 
 
 def reference(name: str, x: torch.Tensor, y: torch.Tensor, eps: float) -> Side:
@@ -142,8 +149,13 @@ def reference(name: str, x: torch.Tensor, y: torch.Tensor, eps: float) -> Side:
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         x_adv, wall, other = timed(lambda: attack.run_standard_evaluation(x, y, bs=250))
-    after = {m.group(1).lower(): float(m.group(2)) / 100 for m in _AFTER.finditer(log.getvalue())}
-    return Side("reference AutoAttack (fra31)", judge(model, x, y, x_adv, eps), wall, other, after)
+    logged = list(_AFTER.finditer(log.getvalue()))
+    after = {m.group(1).lower(): float(m.group(2)) / 100 for m in logged}
+    totals = [float(m.group(3)) for m in logged]  # cumulative seconds after each attack
+    stage_seconds = {m.group(1).lower(): round(t - t0, 1) for m, t, t0 in zip(logged, totals, [0.0, *totals],
+                                                                               strict=False)}
+    return Side("reference AutoAttack (fra31)", judge(model, x, y, x_adv, eps), wall, other, after,
+                stage_seconds=stage_seconds)
 
 
 def torchattacks_side(name: str, x: torch.Tensor, y: torch.Tensor, eps: float) -> Side:
@@ -169,7 +181,7 @@ def compare(name: str, eps_text: str, x: torch.Tensor, y: torch.Tensor, sides: l
         "model": name, "eps": eps_text, "n": int(y.numel()), "clean_accuracy": float(clean.float().mean()),
         "sides": {s.name: {"robust_accuracy": float(s.robust.float().mean()), "robust": int(s.robust.sum()),
                            "seconds": round(s.seconds, 1), "other_load": s.other_load,
-                           "after": s.after, **s.extra} for s in sides},
+                           "after": s.after, "stage_seconds": s.stage_seconds, **s.extra} for s in sides},
         "only_ours_robust": int((ours_side.robust & ~ref.robust).sum()),
         "only_reference_robust": int((ref.robust & ~ours_side.robust).sum()),
     }
@@ -203,14 +215,16 @@ def table(records: list[dict[str, Any]], names: list[str]) -> list[str]:
 
 
 def stages_table(records: list[dict[str, Any]], names: list[str]) -> list[str]:
-    rows = ["| model | eps | side | after APGD-CE | after APGD-T | after FAB-T | after Square "
+    rows = ["| model | eps | side | after APGD-CE (s) | after APGD-T (s) | after FAB-T (s) | after Square (s) "
             "| other load (cores) |",
             "|---|---|---|---|---|---|---|---|"]
     for r in records:
         for n in names[:2]:
             side = r["sides"][n]
-            after = side["after"]
-            cells = [f"{after[k]:.1%}" if k in after else "–" for k in ("apgd-ce", "apgd-t", "fab-t", "square")]
+            after, seconds = side["after"], side.get("stage_seconds", {})
+            cells = [(f"{after[k]:.1%}" if k in after else "–")
+                     + (f" ({seconds[k]:.0f})" if k in seconds else "")
+                     for k in ("apgd-ce", "apgd-t", "fab-t", "square")]
             rows.append(f"| {r['model']} | {r['eps']} | {n} | " + " | ".join(cells)
                         + f" | {fmt(side['other_load'])} |")
     return rows
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
 def write(args: argparse.Namespace, head: list[str], records: list[dict[str, Any]], names: list[str],
           wall: float) -> None:
     lines = [*head, *table(records, names), "", "Robust accuracy after each attack (each on the survivors "
-             "of the ones before):", "", *stages_table(records, names), "",
+             "of the ones before), with the attack's wall seconds:", "", *stages_table(records, names), "",
              f"- total wall time of the benchmark: {wall:.0f} s",
              "- robust: the model still predicts the label on the returned (clipped) tensor and it lies "
              "within eps; ours only / ref only: images one side leaves robust and the other breaks",

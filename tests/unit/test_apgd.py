@@ -128,6 +128,61 @@ def test_step_size_is_halved_where_progress_stalls() -> None:
     assert torch.allclose(w.eta, torch.tensor([0.2, 0.2, 0.2], dtype=torch.float64))
 
 
+def test_step_size_schedule_follows_the_authors_code_where_the_paper_leaves_room() -> None:
+    """fra31/auto-attack halves at ``rises <= rho * interval`` (the paper: ``<``) and keeps counting
+    rises against the loss of the last iterate after moving back to the best point."""
+    n = 2
+    x = torch.zeros(n, 1, 2, 2, dtype=torch.float64)
+    last_loss = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    w = _Walk(
+        idx=torch.arange(n), x0=x, labels=torch.zeros(n, dtype=torch.int64), loss_targets=None,
+        goal_targets=None, x=x, x_prev=x, grad=x, x_max=torch.ones_like(x), grad_max=x,
+        f_max=torch.tensor([2.0, 2.0], dtype=torch.float64), f_prev=last_loss.clone(),
+        eta=torch.full((n,), 0.4, dtype=torch.float64),
+        # sample 0: rose in exactly rho of the 12 steps (9); sample 1: in 10 of them
+        rises=torch.tensor([9, 10]), f_max_check=torch.tensor([1.0, 1.0], dtype=torch.float64),
+        halved_check=torch.zeros(n, dtype=torch.bool), active=torch.ones(n, dtype=torch.bool),
+        hit=torch.zeros(n, dtype=torch.bool), x_hit=x, f_hit=torch.zeros(n, dtype=torch.float64),
+    )
+    _check_step_size(w, rho=0.75, interval=12)
+    assert torch.allclose(w.eta, torch.tensor([0.2, 0.4], dtype=torch.float64))
+    assert torch.equal(w.x[0], torch.ones_like(x[0])) and torch.equal(w.x[1], x[1])
+    assert torch.equal(w.f_prev, last_loss)  # not the best loss the walk moved back to
+
+
+def test_condition_2_waits_for_the_second_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the first checkpoint only condition 1 may halve the step (the authors' code)."""
+    seen: list[torch.Tensor] = []
+    real = apgd_module._check_step_size
+
+    def spy(w: _Walk, rho: float, interval: int) -> None:
+        seen.append(w.halved_check.clone())
+        real(w, rho, interval)
+
+    monkeypatch.setattr(apgd_module, "_check_step_size", spy)
+    x, y = batch()
+    apgd(tiny_model(), x, y, APGDSpec(eps=0.01, steps=30, early_stop=False),
+         generator=torch.Generator().manual_seed(0))
+    assert len(seen) >= 2 and seen[0].all()
+
+
+def test_the_first_rise_is_counted_against_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The authors' loss history starts as zeros: the first step counts as a rise only where its
+    loss is positive (a targeted DLR loss is negative until the target wins)."""
+    starts: list[torch.Tensor] = []
+
+    class Spy(_Walk):
+        def __init__(self, **fields: Any) -> None:
+            super().__init__(**fields)
+            starts.append(self.f_prev.clone())
+
+    monkeypatch.setattr(apgd_module, "_Walk", Spy)
+    x, y = batch()
+    apgd_t(tiny_model(), x, y, APGDSpec(eps=0.01, steps=5, n_target_classes=2),
+           generator=torch.Generator().manual_seed(0))
+    assert starts and all((f == 0).all() for f in starts)
+
+
 def test_early_stop_changes_the_cost_not_the_answer() -> None:
     x, y = batch(n=32)
     spec = APGDSpec(eps=0.05, steps=20, loss="dlr")

@@ -9,9 +9,13 @@ parameter-free attacks", ICML 2020. PGD with momentum whose step size needs no t
   the ball and the box);
 * checkpoints ``w_j = ceil(p_j * steps)`` with ``p_0 = 0``, ``p_1 = 0.22``,
   ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``; at each one a sample halves its step and goes
-  back to its best point if the loss rose in fewer than ``rho`` of the steps since the previous
+  back to its best point if the loss rose in at most ``rho`` of the steps since the previous
   checkpoint (condition 1), or if its step was not halved there and its best loss has not improved
-  since (condition 2);
+  since (condition 2). Where the paper leaves room, this follows the authors' code (fra31/auto-attack,
+  ``autopgd_base.py``), the AutoAttack the field compares with: "at most" (the paper writes "fewer
+  than"), condition 2 only from the second checkpoint on, and a rise counted against the loss of the
+  previous iterate even where a checkpoint moved the walk back to its best point (and the first
+  step's against 0);
 * the best point (highest loss) of each sample is kept, together with its gradient, so that going
   back to it costs nothing.
 
@@ -213,10 +217,14 @@ def _run(model: Classifier, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
     hit = goal_reached(logits, labels, gt, targeted_goal)
     w = _Walk(
         idx=idx, x0=x0, labels=labels, loss_targets=lt, goal_targets=gt,
-        x=start, x_prev=start, grad=grad, x_max=start, grad_max=grad, f_max=f, f_prev=f,
+        # The first step's rise is counted against 0, not the start's loss, as in the authors' code
+        # (its loss history starts as zeros): a targeted DLR loss, negative until the target wins,
+        # counts no rise there, so a slow first interval halves the step a little more often.
+        x=start, x_prev=start, grad=grad, x_max=start, grad_max=grad, f_max=f, f_prev=torch.zeros_like(f),
         eta=torch.full((n,), 2.0 * eps, dtype=x.dtype, device=x.device),
         rises=torch.zeros(n, dtype=torch.int64, device=x.device), f_max_check=f,
-        halved_check=torch.zeros(n, dtype=torch.bool, device=x.device),
+        # Condition 2 waits for the second checkpoint, as in the authors' code.
+        halved_check=torch.ones(n, dtype=torch.bool, device=x.device),
         active=torch.ones(n, dtype=torch.bool, device=x.device),
         hit=torch.zeros(n, dtype=torch.bool, device=x.device), x_hit=start,
         f_hit=torch.full_like(f, -math.inf),
@@ -273,14 +281,13 @@ def _run(model: Classifier, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
 
 def _check_step_size(w: _Walk, rho: float, interval: int) -> None:
     """At a checkpoint: halve the step and go back to the best point where progress stalled."""
-    too_few_rises = w.rises.double() < rho * interval  # condition 1
+    too_few_rises = w.rises.double() <= rho * interval  # condition 1
     stalled = ~w.halved_check & (w.f_max <= w.f_max_check)  # condition 2
     halve = too_few_rises | stalled
     w.eta = torch.where(halve, w.eta / 2, w.eta)
     back = per_sample(halve, w.x)
     w.x = torch.where(back, w.x_max, w.x)
     w.grad = torch.where(back, w.grad_max, w.grad)
-    w.f_prev = torch.where(halve, w.f_max, w.f_prev)
     w.rises = torch.zeros_like(w.rises)
     w.f_max_check = w.f_max
     w.halved_check = halve
