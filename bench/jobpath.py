@@ -11,6 +11,10 @@ kernel on the same images, threads and chunk size, in the same run.
   store, RQ's bookkeeping. Timed from enqueue to the worker's return.
 * ``kernel``: ``workers.attacks.pgd.pgd`` over the same images in chunks of the same size, nothing
   else.
+* ``kernel + scoring forwards``: the kernel, then the model's forward over its adversarial images and
+  over their 8-bit rounding, in the same chunks: what the job's scores need on top of the kernel
+  (``workers.scores.predict_reusing`` skips a chunk's forward only where its bits are known), so
+  the floor of the job's ratio with unchanged scores.
 
 PGD Linf eps 0.1, step size 0.01, ``--steps`` steps, seed 0, on the first ``--n`` Fashion-MNIST test
 images. Median of ``--repeats`` round-robin runs (``bench.attacks.time_round_robin``) after one
@@ -44,6 +48,7 @@ from workers.device import configure_numerics
 from workers.jobs import install_context, make_context
 from workers.liveness import HeartbeatWorker
 from workers.main import preload
+from workers.scores import quantize_in_ball
 from workers.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,14 +139,24 @@ def run(args: argparse.Namespace, var: Path) -> tuple[list[dict[str, Any]], dict
             x_adv[start:start + batch_size] = out.x_adv
         return x_adv
 
-    (result, worker_s, job_others), (_, kernel_s, kernel_others) = time_round_robin(
-        [job_once, kernel_once], args.repeats)
+    def floor_once() -> torch.Tensor:
+        # What the job's scores cannot do without: the adversarial and the 8-bit images forwarded in
+        # the chunks the attack ran in (logits from other batch sizes round differently, see
+        # workers.scores.predict_reusing), on top of the kernel.
+        x_adv = kernel_once()
+        model.predict(x_adv, batch_size)
+        return model.predict(quantize_in_ball(x_adv, x, card.bounds, EPS, "linf"), batch_size)
+
+    (result, worker_s, job_others), (_, kernel_s, kernel_others), (_, floor_s, floor_others) = \
+        time_round_robin([job_once, kernel_once, floor_once], args.repeats)
     job_s = statistics.median(enqueue_to_end[-args.repeats:])  # the timed runs', as the kernel's
     rows = [
         {"path": "job end to end (enqueue to end, RQ's clock)", "seconds": round(job_s, 3),
          "ratio": round(job_s / kernel_s, 3), "other_cores_busy": job_others},
         {"path": "job with a burst worker's start and stop", "seconds": round(worker_s, 3),
          "ratio": round(worker_s / kernel_s, 3), "other_cores_busy": job_others},
+        {"path": "bare kernel + the two scoring forwards (8-bit rounding included)",
+         "seconds": round(floor_s, 3), "ratio": round(floor_s / kernel_s, 3), "other_cores_busy": floor_others},
         {"path": "bare kernel (same images, chunks, threads)", "seconds": round(kernel_s, 3),
          "ratio": 1.0, "other_cores_busy": kernel_others},
     ]

@@ -542,12 +542,28 @@ class AttackJob(Strict):
     surrogate: str | None = Field(default=None, description="resolved name@version")
 
 
+# Where the gateway puts a prediction's input (raw float32 bytes, ``PredictJob.shape``) beside the job:
+# RQ compresses a job's payload with zlib when it is queued and again when it finishes, which cost
+# more than the forward pass of a batch of 64 Fashion-MNIST images carried as base64 in the payload.
+PREDICT_INPUT_KEY = "adversa:predict-input:{}"
+
+
 class PredictJob(Strict):
     job_id: str
     model: str
-    array: str = Field(description="base64 .npy float32 NCHW in the model's bounds")
+    array: str | None = Field(default=None, description="base64 .npy float32 NCHW in the model's bounds "
+                                                        "(or the input at PREDICT_INPUT_KEY, with shape)")
+    shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, min_length=4, max_length=4,
+        description="NCHW shape of the float32 input stored at PREDICT_INPUT_KEY (instead of array)")
     reject: bool = False
     team: str | None = Field(default=None, description="whose detector to use (reject only)")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PredictJob:
+        if (self.array is None) == (self.shape is None):
+            raise ValueError("expected either array or shape (the input stored beside the job), not both")
+        return self
 
 
 class DefenseJob(Strict):
@@ -656,6 +672,11 @@ class AuditRequest(Strict):
                                           "(standard, autoattack: 100)")
     n_target_classes: int = Field(default=9, ge=1, description="APGD-T (and FAB-T) target classes")
     square_queries: int = Field(default=5000, ge=1, description="Square's query budget per image and eps")
+    adaptive_steps: int = Field(
+        default=50, ge=1, le=MAX_STEPS,
+        description="models with a calibrated detector: steps of the adaptive attack on model and detector "
+                    "jointly (squeeze-adaptive, per eps, on the samples the suite misclassified only with "
+                    "examples the detector flags), behind `adaptive_detect_reject_accuracy`")
     per_attack_curves: bool = Field(
         default=False, description="standard and autoattack suites: run every attack on every sample "
                                    "for its own robust-accuracy curve (slower) instead of the cascade, "
@@ -666,7 +687,14 @@ class AuditRequest(Strict):
                                                                        "(default 0.1)")
     thresholds: list[str] = Field(default_factory=list, max_length=50,
                                   description="gate lines, e.g. `robust_accuracy@linf:8/255 >= 0.4`, or "
-                                              "against `baseline`: `clean_accuracy >= baseline - 0.01`")
+                                              "against `baseline`: `clean_accuracy >= baseline - 0.01`. "
+                                              "Metrics: clean_accuracy, robust_accuracy@<norm>:<eps>, "
+                                              "detect_reject_accuracy@<norm>:<eps> (with a detector, under "
+                                              "the suite's oblivious attacks), "
+                                              "adaptive_detect_reject_accuracy@<norm>:<eps> (under the "
+                                              "adaptive attack on model and detector), "
+                                              "median_perturbation@<norm>, transfer_success_rate@linf:<eps>, "
+                                              "masking_checks")
     baseline: str | None = Field(
         default=None, min_length=1, max_length=300,
         description="what `baseline` in a gate line means: an earlier audit id of your team, or a model "
@@ -705,6 +733,7 @@ class AuditSpec(Strict):
     steps: int | None = None
     n_target_classes: int = 9
     square_queries: int = 5000
+    adaptive_steps: int = Field(default=50, ge=1, le=MAX_STEPS)
     per_attack_curves: bool = False
     surrogates: list[str] = Field(default_factory=list)
     transfer_eps: float | None = None

@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import io
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +24,12 @@ from rq import get_current_job
 from rq.job import Job
 
 from contracts import telemetry
+from contracts.specs import PREDICT_INPUT_KEY
 from history.recording import record_finished
 from models.datasets import DataCatalog, DataError, DatasetMissingError, to_bounds
-from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
+from models.manifest import GeneratorCard, ModelCard
 from models.registry import ModelLoadError
+from models.registry_store import open_registries
 from models.store import BlobStore, open_store
 from workers.artifacts import csv_bytes, grid_png, npy_bytes
 from workers.attacks.base import Norm, project
@@ -43,7 +46,15 @@ from workers.defenses.squeeze import squeeze_logits_and_scores
 from workers.device import pick_device
 from workers.errors import CANCEL_KEY, InvalidJob, JobCanceled, JobFailure
 from workers.liveness import Drained, check_draining, fail_audit
-from workers.scores import Evaluation, evaluate, outside_ball, quantize, quantize_in_ball, summarize
+from workers.scores import (
+    Evaluation,
+    evaluate,
+    outside_ball,
+    predict_reusing,
+    quantize,
+    quantize_in_ball,
+    summarize,
+)
 from workers.settings import WorkerSettings
 from workers.specs import MINIMAL_ATTACKS, AdvGANParams, AttackJob, PredictJob
 
@@ -66,14 +77,13 @@ _context: Context | None = None
 
 
 def make_context(settings: WorkerSettings) -> Context:
-    index = CardIndex.default([settings.models_root])
-    device = pick_device(settings.device)
-    cache = ModelCache(index, device, settings.model_cache_size,
-                       settings.var_dir / "batch_sizes.json")
-    generators = GeneratorCache(GeneratorIndex([settings.generators_root]), device,
-                                settings.model_cache_size)
     store = open_store(settings)
-    data = DataCatalog(settings.data_dir, settings.datasets_root, store)
+    registries = open_registries(settings, store)  # the var dir, or the S3 store
+    device = pick_device(settings.device)
+    cache = ModelCache(registries.models, device, settings.model_cache_size,
+                       settings.var_dir / "batch_sizes.json")
+    generators = GeneratorCache(registries.generators, device, settings.model_cache_size)
+    data = DataCatalog(settings.data_dir, settings.datasets_root, store, index=registries.datasets)
     return Context(settings, store, cache, generators, data)
 
 
@@ -340,10 +350,14 @@ def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
     # encoding and the store's I/O mostly release the GIL).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"artifacts-{spec.job_id}") as pool:
         images = pool.submit(_write_images, ctx.store, spec.job_id, card, x, x_adv)
-        ev = evaluate(model, x, y, x_adv, clean_pred, targets, batch_size)
+        # Chunks the attack left unchanged keep their clean logits, and chunks that quantizing left
+        # unchanged their adversarial ones: the same bits without a forward pass (predict_reusing).
+        adv_logits = predict_reusing(model, x_adv, batch_size, x, clean_logits)
+        ev = evaluate(model, x, y, x_adv, clean_pred, targets, batch_size, adv_logits)
         ball = attack_ball(spec.attack, loaded.spec_fields)
         x_q, ball_info = quantize_for_client(x_adv, x, card.bounds, ball)
-        ev_q = evaluate(model, x, y, x_q, clean_pred, targets, batch_size)
+        ev_q = evaluate(model, x, y, x_q, clean_pred, targets, batch_size,
+                        predict_reusing(model, x_q, batch_size, x_adv, adv_logits))
         scores = summarize(ev, y, clean_pred, labels_given, minimal)
         scores["gradient_calls"] = float(gradients.double().mean())
         scores["queries"] = float(queries.double().mean())
@@ -485,11 +499,27 @@ def run_predict(payload: dict[str, Any]) -> dict[str, Any]:
     return entry(payload, PredictJob, _run_predict)
 
 
+def predict_input(spec: PredictJob, job: Job | None) -> np.ndarray:
+    """A prediction's float32 input: inline (base64 .npy) or, as the gateway sends it, raw bytes
+    stored beside the job (``PREDICT_INPUT_KEY``), checked against the payload's shape."""
+    if spec.array is not None:
+        array = np.load(io.BytesIO(base64.b64decode(spec.array)), allow_pickle=False)
+        return array.astype(np.float32, copy=False)
+    assert spec.shape is not None  # PredictJob holds one or the other
+    raw = job.connection.get(PREDICT_INPUT_KEY.format(spec.job_id)) if job is not None else None
+    if not isinstance(raw, bytes):
+        raise JobFailure("the prediction's input is gone (the gateway gave up waiting)", "input-expired")
+    expected = math.prod(spec.shape) * 4
+    if len(raw) != expected:
+        raise InvalidJob(f"expected {expected} bytes of float32 input of shape {spec.shape}, got {len(raw)}")
+    # A writable copy (torch warns on read-only memory); the bytes are small next to a forward pass.
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(spec.shape)
+
+
 def _run_predict(spec: PredictJob, job: Job | None) -> dict[str, Any]:
     ctx = context()
     card, model = ctx.cache.get(spec.model)
-    array = np.load(io.BytesIO(base64.b64decode(spec.array)), allow_pickle=False)
-    x = torch.from_numpy(array.astype(np.float32, copy=False)).to(model.device)
+    x = torch.from_numpy(predict_input(spec, job)).to(model.device)
 
     def outputs(logits: torch.Tensor) -> dict[str, Any]:
         return {"model": card.ref, "logits": logits.cpu().tolist(),

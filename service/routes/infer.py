@@ -12,7 +12,7 @@ queue and waits for a worker's answer, at most ``predict_timeout_s``.
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import json
 import time
 import uuid
@@ -21,14 +21,16 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from rq.job import JobStatus
+from redis.exceptions import RedisError
+from rq.job import Job, JobStatus
+from rq.results import Result
 
-from contracts.specs import PredictJob
+from contracts.specs import PREDICT_INPUT_KEY, PredictJob
 from models.manifest import CardIndex, ModelCard
 from service.deps import QueueDep, RegistryDep, SettingsDep, TeamDep
 from service.errors import Problem, invalid
 from service.forms import load_json
-from service.inputs import array_to_nchw, check_count, npy_bytes
+from service.inputs import array_to_nchw, check_count
 from service.metrics import INFER, JOBS
 from service.queueing import Queues
 from service.routes.oip import REJECT_OUTPUTS, model_card, output_specs
@@ -205,19 +207,40 @@ def _requested(request: InferRequest, card: ModelCard, reject: bool) -> list[tup
 
 def _predict(settings: Settings, queues: Queues, card: ModelCard, x: np.ndarray, reject: bool,
              team: str) -> dict[str, Any]:
-    """Enqueue the prediction and wait for its answer; 504 after ``predict_timeout_s``."""
+    """Enqueue the prediction and wait for its answer; 504 after ``predict_timeout_s``.
+
+    The input travels beside the job, as raw float32 bytes at ``PREDICT_INPUT_KEY`` (its shape in
+    the payload), not base64 inside it: RQ zlib-compresses a job's payload when it is queued and
+    again when it finishes. The key lives as long as the job may (queued, then run) and is removed
+    once the answer is read or the prediction given up."""
     job_id = uuid.uuid4().hex
     queues.admit(team, job_id, counted=False)  # only the queue length bounds predictions
-    payload = PredictJob(job_id=job_id, model=card.ref, array=base64.b64encode(npy_bytes(x)).decode(),
-                         reject=reject, team=team if reject else None)
-    job = queues.enqueue("predict", "workers.jobs.run_predict", payload.model_dump(),
-                         job_id=job_id, meta={"kind": "predict", "team": team, "model": card.ref},
-                         timeout=settings.predict_timeout_s * 4, result_ttl=300)
-    JOBS.labels("predict").inc()
+    payload = PredictJob(job_id=job_id, model=card.ref, shape=list(x.shape), reject=reject,
+                         team=team if reject else None)
+    input_key = PREDICT_INPUT_KEY.format(job_id)
+    queues.redis.set(input_key, np.ascontiguousarray(x, dtype="<f4").tobytes(),
+                     ex=settings.predict_timeout_s * 5)
+    try:
+        job = queues.enqueue("predict", "workers.jobs.run_predict", payload.model_dump(exclude_none=True),
+                             job_id=job_id, meta={"kind": "predict", "team": team, "model": card.ref},
+                             timeout=settings.predict_timeout_s * 4, result_ttl=300)
+        JOBS.labels("predict").inc()
+        return _answer_of(settings, queues, job)
+    finally:
+        with contextlib.suppress(RedisError):  # else it expires
+            queues.redis.delete(input_key)
+
+
+def _answer_of(settings: Settings, queues: Queues, job: Job) -> dict[str, Any]:
+    """The worker's answer to the prediction ``job``, waited for at most ``predict_timeout_s``."""
+    result = None
     # in one-second blocking reads: the Redis client's socket timeout bounds each read
     for _ in range(settings.predict_timeout_s):
-        if job.latest_result(timeout=1) is not None:
+        result = job.latest_result(timeout=1)
+        if result is not None:
             break
+    if result is not None and result.type == Result.Type.SUCCESSFUL:
+        return result.return_value or {}  # the answer as read, without a second read of it
     status = job.get_status()
     if status in (JobStatus.QUEUED, JobStatus.STARTED):
         # A queued prediction is removed, and one that a worker picks up in the meantime stops

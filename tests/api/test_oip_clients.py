@@ -11,15 +11,18 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as triton
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.protocol.infer_type import RequestedOutput
 from redis import Redis
 from tritonclient.utils import InferenceServerException
 
+from contracts.specs import PREDICT_INPUT_KEY
 from models.datasets import load_split
-from models.manifest import HOSTED_DIR, ModelCard
+from models.manifest import HOSTED_DIR, CardIndex, ModelCard
 from tests.integration.conftest import Running, start_service
+from workers.cache import ModelCache
 
 MODEL = "fmnist-cnn"
 UPLOADED = "team-cnn"
@@ -146,6 +149,21 @@ def test_infer_json_binary_and_requested_outputs_with_tritonclient(
     flags, scores = rejected.as_numpy("rejected"), rejected.as_numpy("detector_score")
     threshold = rejected.get_response()["parameters"]["threshold"]
     assert flags.dtype == bool and (flags == (scores > threshold)).all()
+
+
+def test_answered_predictions_leave_no_input_behind(
+        triton_client: triton.InferenceServerClient, images: tuple[np.ndarray, np.ndarray],
+        redis_url: str) -> None:
+    """Each prediction's input travels beside its job (raw bytes, contracts.specs.PREDICT_INPUT_KEY);
+    once answered it is gone, and the answer is the model's on exactly those bytes."""
+    x, _ = images
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    logits = triton_client.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("logits")]
+                                 ).as_numpy("logits")
+    direct = ModelCache(CardIndex([HOSTED_DIR]), torch.device("cpu")).get(MODEL)[1].predict(torch.from_numpy(x))
+    assert np.allclose(logits, direct.numpy(), atol=1e-5)  # another process: its own thread count
+    assert Redis.from_url(redis_url).keys(PREDICT_INPUT_KEY.format("*")) == []
 
 
 def test_infer_json_and_binary_with_kserve(url: str, images: tuple[np.ndarray, np.ndarray]) -> None:

@@ -1,22 +1,40 @@
 """The warm job path: batch-size calibration remembered per model version and device and shown as
-the job's stage (a real RQ job on a real Redis), ADVERSA_TORCH_THREADS applied, and the clean logits
-a job computes answering its kernel's first forward."""
+the job's stage (a real RQ job on a real Redis), ADVERSA_TORCH_THREADS applied, the clean logits
+a job computes answering its kernel's first forward, scoring that skips only the forward passes
+whose logits it already holds (the job's scores and bytes equal a direct computation's), and a
+prediction's input read from beside its job."""
 
 from __future__ import annotations
 
+import base64
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pytest
 import torch
 from redis import Redis
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from torch import nn
 
+from contracts.specs import PREDICT_INPUT_KEY
+from models.datasets import load_split
 from models.manifest import CardIndex
+from service.inputs import npy_bytes
+from workers import jobs
+from workers.artifacts import npy_bytes as artifact_npy
+from workers.attacks.base import project
+from workers.attacks.pgd import PGDSpec, pgd
 from workers.cache import ModelCache
 from workers.classifier import Classifier
-from workers.jobs import job_batch_size
+from workers.jobs import Context, install_context, job_batch_size, make_context
+from workers.liveness import HeartbeatWorker
 from workers.main import apply_threads
+from workers.scores import evaluate, predict_reusing, quantize_in_ball, summarize
 from workers.settings import WorkerSettings
 
 
@@ -101,3 +119,106 @@ def test_remembered_clean_logits_answer_the_kernels_first_forward() -> None:
     model.forget()
     model.logits(x[0:4])
     assert calls == 3
+
+
+def test_scoring_reuses_only_chunks_equal_bit_for_bit() -> None:
+    model = tiny_classifier()
+    x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    known = model.predict(x, 16)
+    changed = x.clone()
+    changed[20] = changed[20].flip(-1)  # one row of the second chunk (rows 16-31)
+    changed[39, 0, 0, 0] = torch.nextafter(changed[39, 0, 0, 0], torch.tensor(2.0))  # one ulp, last chunk
+    model.reset_counters()
+    logits = predict_reusing(model, changed, 16, x, known)
+    assert model.queries == 16 + 8  # the two changed chunks, whole; the first is taken as it was
+    assert torch.equal(logits, model.predict(changed, 16))
+    assert torch.equal(logits[:16], known[:16]) and not torch.equal(logits[16:32], known[16:32])
+    model.reset_counters()
+    assert torch.equal(predict_reusing(model, x, 16, x.clone(), known), known) and model.queries == 0
+
+
+@pytest.fixture
+def worker_context(tmp_path: Path) -> Iterator[Context]:
+    """The context of a worker in this process, on ``tmp_path``; the previous one back afterwards."""
+    previous = jobs._context
+    context = make_context(WorkerSettings(redis_url="redis://unused", var_dir=tmp_path, device="cpu"))
+    install_context(context)
+    yield context
+    jobs._context = previous
+
+
+def run_burst(redis: Redis, queue: Queue) -> None:
+    """A real worker, in this process (same threads as the direct computation), until the queue is empty."""
+    worker = HeartbeatWorker([queue], connection=redis, serializer=JSONSerializer,
+                             name=f"warm-test-{uuid.uuid4().hex[:8]}", heartbeat_ttl=60, retries=0,
+                             result_ttl=600, queue_prefix="warm-test-")
+    worker.work(burst=True, with_scheduler=False)
+
+
+def test_attack_job_scores_and_bytes_equal_a_direct_computation(worker_context: Context, redis: Redis) -> None:
+    """The job's scores (the 8-bit re-score included) and adversarial.npy, bit for bit, against the
+    kernel run chunk by chunk and every image forwarded for its scores; 40 images in chunks of 16
+    (a last chunk of 8, which a batch of its own can round differently)."""
+    context = worker_context
+    queue = Queue("warm-test-attacks", connection=redis, serializer=JSONSerializer)
+    n, batch, eps, steps, step = 40, 16, 0.1, 5, 0.03
+    attack = {"name": "pgd", "norm": "linf", "eps": eps, "steps": steps, "step_size": step}
+    job_id = uuid.uuid4().hex
+    payload = {"job_id": job_id, "team": "t", "model": "fmnist-cnn", "attack": attack, "seed": 3,
+               "batch_size": batch, "inputs": {"kind": "dataset", "dataset": "fashion-mnist:test",
+                                               "offset": 100, "n": n}}
+    job = queue.enqueue_call("workers.jobs.run_attack", args=(payload,), job_id=job_id, timeout=600)
+    run_burst(redis, queue)
+    job.refresh()
+    result = job.return_value()
+    assert result is not None, job.meta
+
+    card, model = context.cache.get("fmnist-cnn")
+    x_np, y_np = load_split("fashion-mnist:test").slice(100, n)
+    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    clean_pred = model.predict(x, batch).argmax(1)
+    generator = torch.Generator().manual_seed(3)
+    spec = PGDSpec(eps=eps, steps=steps, step_size=step)
+    outs = [pgd(model, x[i:i + batch], y[i:i + batch], spec, generator=generator) for i in range(0, n, batch)]
+    x_adv = project(torch.cat([o.x_adv for o in outs]), x, eps, "linf", card.bounds)
+    ev = evaluate(model, x, y, x_adv, clean_pred, None, batch)
+    ev_q = evaluate(model, x, y, quantize_in_ball(x_adv, x, card.bounds, eps, "linf"), clean_pred, None, batch)
+    scores: dict[str, Any] = result["scores"]
+    assert {k: v for k, v in scores.items() if k not in ("gradient_calls", "queries", "quantized")} == \
+        summarize(ev, y, clean_pred, True, False)
+    quantized = {k: v for k, v in scores["quantized"].items() if k != "ball"}
+    assert quantized == summarize(ev_q, y, clean_pred, True, False)
+    assert scores["gradient_calls"] == float(torch.cat([o.gradients for o in outs]).double().mean())
+    stored = context.store.get(f"jobs/{job_id}/adversarial.npy")
+    assert stored == artifact_npy(x_adv.numpy().astype(np.float32))
+
+
+def test_prediction_reads_its_input_beside_the_job(worker_context: Context, redis: Redis) -> None:
+    """The gateway stores the input as raw float32 bytes at PREDICT_INPUT_KEY (not base64 in the
+    payload, which RQ compresses twice); an inline .npy still works; a missing or wrongly sized
+    input fails the prediction with a code."""
+    queue = Queue("warm-test-predict", connection=redis, serializer=JSONSerializer)
+    x, _ = load_split("fashion-mnist:test").slice(0, 5)
+    x = x.astype(np.float32)
+
+    def enqueue(payload: dict[str, Any], stored: bytes | None = None) -> Job:
+        job_id = uuid.uuid4().hex
+        if stored is not None:
+            redis.set(PREDICT_INPUT_KEY.format(job_id), stored, ex=60)
+        return queue.enqueue_call("workers.jobs.run_predict", args=({"job_id": job_id, "model": "fmnist-cnn",
+                                                                     **payload},), job_id=job_id, timeout=60)
+
+    beside = enqueue({"shape": list(x.shape)}, x.astype("<f4").tobytes())
+    inline = enqueue({"array": base64.b64encode(npy_bytes(x)).decode()})
+    missing = enqueue({"shape": list(x.shape)})
+    short = enqueue({"shape": list(x.shape)}, x.astype("<f4").tobytes()[:-4])
+    run_burst(redis, queue)
+    for job in (beside, inline, missing, short):
+        job.refresh()
+    direct = worker_context.cache.get("fmnist-cnn")[1].predict(torch.from_numpy(x), 256)
+    answers = [beside.return_value(), inline.return_value()]
+    assert answers[0] is not None and answers[1] is not None
+    assert answers[0]["logits"] == answers[1]["logits"] == direct.tolist()
+    assert missing.get_status() == "failed" and missing.meta["error"]["code"] == "input-expired"
+    assert short.get_status() == "failed" and short.meta["error"]["code"] == "invalid-job"
+    assert "expected 15680 bytes" in short.meta["error"]["message"]
