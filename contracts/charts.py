@@ -82,8 +82,9 @@ def accuracy_chart_svg(title: str, x_title: str, series: Sequence[Series], *, ch
     """An ``<svg>`` element (no XML prologue, ready to inline in HTML) of robust accuracy (y, 0-100%)
     against eps (x, numeric, from 0). ``chart_id`` keeps the element ids of several charts on one
     page apart; each series is the group ``<g id="{chart_id}-series-{i}">`` in the order given, its
-    name in the legend at the right. ``x_eps``: the grid's eps, marked on the axis (labelled with
-    round numbers, since grids such as 1/255, 2/255, 4/255 ... 0.3 crowd near 0)."""
+    name in the legend at the right, its 95% intervals (if any) ``<g id="{chart_id}-intervals-{i}">``.
+    ``x_eps``: the grid's eps, marked on the axis (labelled with round numbers, since grids such as
+    1/255, 2/255, 4/255 ... 0.3 crowd near 0)."""
     import matplotlib  # never pyplot: no global figure state, no backend to choose
     from matplotlib.backends.backend_svg import FigureCanvasSVG
     from matplotlib.figure import Figure
@@ -118,8 +119,9 @@ def accuracy_chart_svg(title: str, x_title: str, series: Sequence[Series], *, ch
                              capsize=3)
             drawn = ax.errorbar(xs, ys, yerr=bars, label=_label(line.name), **style)
             drawn.lines[0].set_gid(f"{safe_id}-series-{i}")
-            if line.emphasis and bars is not None:
-                for bar in drawn.lines[2]:
+            for bar in drawn.lines[2]:  # the 95% intervals: one vertical segment per point
+                bar.set_gid(f"{safe_id}-intervals-{i}")
+                if line.emphasis:
                     bar.set_alpha(0.8)
         ax.set_xlim(left=0, right=(x_max * 1.04) if x_max > 0 else 1.0)
         ax.set_ylim(-0.03, 1.03)

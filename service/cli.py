@@ -81,11 +81,14 @@ UrlOption = Annotated[str, typer.Option(envvar="ADVERSA_URL", metavar="URL",
 
 @models_app.command("list")
 def models_list() -> None:
-    """List the models in the local registry (this machine's var directory)."""
+    """List the models in the registry: hosted ones and this machine's var directory, or the S3
+    store's registry with ADVERSA_BLOB_STORE=s3."""
     from contracts.settings import CommonSettings
-    from models.manifest import CardIndex
+    from models.registry_store import open_registries
+    from models.store import open_store
 
-    index = CardIndex.default([CommonSettings().models_root])
+    settings = CommonSettings()
+    index = open_registries(settings, open_store(settings)).models
     table = Table("name", "version", "architecture", "clean accuracy")
     for name in index.names():
         card = index.card(name)
@@ -430,9 +433,11 @@ def _print_summary(result: Mapping[str, Any], gate: Mapping[str, Any] | None, re
             if isinstance(entry, dict) and entry.get(f"median_{norm}") is not None:
                 table.add_row(escape(f"{attack}: median {norm}"), _fmt(entry[f"median_{norm}"]))
     detector = result.get("detector") or {}
-    for key, value in (detector.get("detect_reject_accuracy") or {}).items():
-        table.add_row(escape(f"detect/reject accuracy @ {key}"), _fmt(value),
-                      interval_text((bands.get("detect_reject_accuracy") or {}).get(key)))
+    for metric, attack in (("detect_reject_accuracy", "oblivious"),
+                           ("adaptive_detect_reject_accuracy", "adaptive")):
+        for key, value in (detector.get(metric) or {}).items():
+            table.add_row(escape(f"detect/reject accuracy @ {key} ({attack} attack)"), _fmt(value),
+                          interval_text((bands.get(metric) or {}).get(key)))
     for run in result.get("transfer") or []:
         table.add_row(escape(f"transfer from {run.get('surrogate')} @ {run.get('eps_label')}"),
                       _fmt(run.get("success_rate")),

@@ -1,10 +1,14 @@
-"""``adversa audit`` against a stub gateway served over real HTTP (uvicorn in a thread)."""
+"""``adversa audit`` against a stub gateway served over real HTTP (uvicorn in a thread). The audits
+the stub answers with are real merge output (``tests.unit.real_audits``): a quick Linf audit of a
+tiny model on 16 inputs, and the same model on inputs next to its decision boundary (weak)."""
 
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -25,24 +29,20 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from contracts.gate import evaluate_gate, parse_gate
+from contracts.intervals import text as interval_text
 from service.cli import app as cli_app
 from service.cli import run_audit
+
+from .real_audits import real_audit, weak_audit
 
 KEY = "s3cret"
 PROBLEM = "application/problem+json"
 
 
-def _result(model: str, robust: float) -> dict[str, Any]:
-    return {
-        "model": f"{model}@1", "suite": "standard", "n": 500, "clean_accuracy": 0.92,
-        "robust_accuracy": {"linf:1/255": 0.7, "linf:8/255": robust, "l2:0.5": 0.3},
-        "minimal": {"deepfool": {"success_rate": 1.0, "median_l2": 0.56, "median_linf": 0.1}},
-        "masking_checks": {"status": "warn", "checks": [
-            {"name": "iterations-help", "status": "pass", "evidence": "pgd-100 <= pgd-20"},
-            {"name": "black-box-beats-white-box", "status": "warn", "evidence": "square 0.30 < pgd 0.41"}]},
-        "detector": None, "transfer": None, "gate": None,
-        "artifacts": ["report.html", "audit.json"],
-    }
+def _result(model: str) -> dict[str, Any]:
+    """What the audit of ``model`` answers: ``weak-cnn`` the weak audit, every other the quick one."""
+    audit = weak_audit() if model == "weak-cnn" else real_audit("quick", "linf")
+    return copy.deepcopy(audit.result)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Stub:
                     "error": {"code": "worker-crashed", "message": "the worker died (out of memory)"}}
         if model == "canceled-cnn":
             return {**base, "status": "canceled", "progress": 0.5, "stage": None}
-        result = _result(model, robust=0.41 if model != "weak-cnn" else 0.12)
+        result = _result(model)
         thresholds = job["body"].get("thresholds") or []
         result["gate"] = evaluate_gate(parse_gate(thresholds), result) if thresholds else None
         return {**base, "status": "succeeded", "progress": 1.0, "stage": None, "result": result}
@@ -168,7 +168,7 @@ def audit(base_url: str, tmp_path: Path, model: str = "fmnist-cnn", **options: A
     return Run(code, out.getvalue(), junit, json_out)
 
 
-GATE = ["clean_accuracy >= 0.9", "robust_accuracy@linf:8/255 >= 0.4"]
+GATE = ["clean_accuracy >= 0.9", "robust_accuracy@linf:0.02 >= 0.4"]
 
 
 def test_a_passing_gate_exits_0_and_writes_both_reports(base_url: str, tmp_path: Path, stub: Stub) -> None:
@@ -186,21 +186,34 @@ def test_a_passing_gate_exits_0_and_writes_both_reports(base_url: str, tmp_path:
     suite = run.suite()
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "0", "0")
     assert [c.get("name") for c in suite.iter("testcase")] == GATE
-    # the summary: numbers, masking warnings with their evidence, gate lines, the report's address
-    assert "robust accuracy @ linf:8/255" in run.output and "0.4100" in run.output
-    assert "black-box-beats-white-box: square 0.30 < pgd 0.41" in run.output
+    # the summary: numbers with their intervals, masking warnings with their evidence, gate lines,
+    # the report's address
+    result = job["result"]
+    robust, band = result["robust_accuracy"]["linf:0.02"], result["intervals"]["robust_accuracy"]["linf:0.02"]
+    assert robust >= 0.4
+    assert re.search(rf"robust accuracy @ linf:0\.02\s*│\s*{robust:.4f}\s*│\s*{re.escape(interval_text(band))}",
+                     run.output), run.output
+    (warned,) = [c for c in result["masking_checks"]["checks"] if c["status"] == "warn"]
+    assert f"{warned['name']}: {warned['evidence'][:60]}" in run.output.replace("\n", " ")
     assert "PASS" in run.output and "FAIL" not in run.output
     assert f"{base_url}/v1/jobs/{job['id']}/artifacts/report.html" in run.output
 
 
 def test_a_failing_gate_exits_1(base_url: str, tmp_path: Path, stub: Stub) -> None:
-    run = audit(base_url, tmp_path, model="weak-cnn", gate=[*GATE, "masking_checks == pass"])
+    bound = "robust_accuracy@linf:0.1.lower >= 0.5"
+    run = audit(base_url, tmp_path, model="weak-cnn", gate=[*GATE, bound])
     assert run.code == 1, run.output
     suite = run.suite()
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("3", "2", "0")
     failures = {c.get("name"): c.find("failure") for c in suite.iter("testcase")}
-    robust = failures["robust_accuracy@linf:8/255 >= 0.4"]
-    assert robust is not None and robust.get("message") == "measured 0.12, expected >= 0.4"
+    weak = weak_audit().result
+    band = weak["intervals"]["robust_accuracy"]["linf:0.02"]
+    assert weak["robust_accuracy"]["linf:0.02"] == 0.0 and band["n"] == 16
+    robust = failures["robust_accuracy@linf:0.02 >= 0.4"]
+    assert robust is not None
+    assert robust.get("message") == f"measured 0 ({interval_text(band)}), expected >= 0.4"
+    lower = failures[bound]
+    assert lower is not None and (lower.get("message") or "").startswith("measured lower bound 0 (estimate 0;")
     assert failures["clean_accuracy >= 0.9"] is None
     assert "FAIL" in run.output and "gate verdict: FAIL" in run.output
     assert json.loads(run.json_out.read_text())["result"]["gate"]["verdict"] == "fail"

@@ -1,8 +1,13 @@
-"""The audit report page: complete and partial results, escaping, charts, images, the amplification."""
+"""The audit report page: complete and partial results, escaping, charts, images, the amplification.
+
+The complete result is real merge output (``tests.unit.real_audits.full_audit``: every section of a
+result, both norms), with a few strings changed to break unescaped HTML; the sample images are
+synthetic where a test is about images of a given size or channel count."""
 
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import re
 import subprocess
@@ -17,6 +22,8 @@ from PIL import Image
 
 from workers.audit.report import ReportSamples, amplify_perturbation, png_data_uri, render_report
 
+from .real_audits import full_audit
+
 HOSTILE = "<script>alert(1)</script>"
 CLASSES = [HOSTILE, "trouser", "pullover", "dress", 'coat "long" & warm', "sandal", "shirt", "sneaker",
            "bag", "ankle boot"]
@@ -24,71 +31,19 @@ ATTACKS = ["fgsm", "apgd-ce", "apgd-t", "square"]
 VOID = {"meta", "img", "br", "hr", "input", "link", "source", "wbr", "col", "area", "base", "embed", "track"}
 
 
+HOSTILE_ATTACK = "<img src=x onerror=alert(2)>"
+
+
 def full_result() -> dict[str, Any]:
-    """An audit result with every section, a few strings chosen to break unescaped HTML."""
-    linf_labels = ["1/255", "2/255", "4/255", "8/255"]
-    l2_labels = ["0.25", "0.5", "1.0"]
-    return {
-        "model": "fmnist-cnn@1<b>",
-        "suite": "standard",
-        "n": 500,
-        "seed": 0,
-        "clean_accuracy": 0.92,
-        "curves": {
-            "linf": {
-                "eps": [1 / 255, 2 / 255, 4 / 255, 8 / 255],
-                "labels": linf_labels,
-                "attacks": {
-                    "fgsm": [0.8, 0.7, 0.5, 0.3],
-                    "apgd-ce": [0.75, 0.6, 0.4, 0.1],
-                    "apgd-t": [0.74, 0.58, 0.38, 0.08],
-                    "square": [0.85, 0.8, 0.66, 0.42],
-                },
-                "worst_case": [0.7, 0.55, 0.35, 0.05],
-            },
-            "l2": {
-                "eps": [0.25, 0.5, 1.0],
-                "labels": l2_labels,
-                "attacks": {"fgsm": [0.8, 0.6, 0.3], "apgd-ce": [0.7, 0.5, 0.2], "apgd-t": [0.7, 0.48, 0.2],
-                            "<img src=x onerror=alert(2)>": [0.9, 0.8, 0.7]},
-                "worst_case": [0.68, 0.45, 0.18],
-            },
-        },
-        "robust_accuracy": {
-            **{f"linf:{label}": v for label, v in zip(linf_labels, [0.7, 0.55, 0.35, 0.05], strict=True)},
-            **{f"l2:{label}": v for label, v in zip(l2_labels, [0.68, 0.45, 0.18], strict=True)},
-        },
-        "per_class": [
-            {"class": i, "name": name, "n": 50, "clean_accuracy": 0.9 - i / 100,
-             "robust_accuracy": {"linf:1/255": 0.5, "linf:8/255": 0.125, "l2:0.5": 0.25}}
-            for i, name in enumerate(CLASSES)
-        ],
-        "minimal": {
-            "deepfool": {"success_rate": 1.0, "median_l2": 0.56, "median_linf": 0.1},
-            "carlini-wagner-l2": {"success_rate": 0.98, "median_l2": 0.4321, "median_linf": 0.0876},
-        },
-        "masking_checks": {
-            "status": "warn",
-            "checks": [
-                {"name": "iterative-vs-single-step", "status": "pass",
-                 "evidence": "apgd-ce <= fgsm at every eps", "values": {"max_gap": 0.0}},
-                {"name": "unbounded-attack-succeeds", "status": "warn",
-                 "evidence": "3 of 460 samples survived an unbounded attack <sic> & more",
-                 "values": {"survivors": 3}},
-            ],
-        },
-        "detector": {"threshold": 0.55, "fpr": 0.05, "detection_rate": {"linf:0.1": 0.8},
-                     "detect_reject_accuracy": {"linf:0.1": 0.7}},
-        "transfer": [{"surrogate": "fmnist-resnet18@1", "eps_label": "linf:0.1", "success_rate": 0.4}],
-        "bpda": True,
-        "eot": False,
-        "gate": {"verdict": "fail", "lines": [
-            {"expression": "clean_accuracy >= 0.9", "value": 0.92, "passed": True, "detail": "0.92 >= 0.9"},
-            {"expression": "robust_accuracy['linf:8/255'] >= 0.4", "value": 0.05, "passed": False,
-             "detail": "<too low>"},
-        ]},
-        "seconds": 12.34,
-    }
+    """A real audit result with every section, a few of its strings changed to break unescaped HTML:
+    the model, an attack's name, a check's evidence and a gate line's detail."""
+    result = copy.deepcopy(full_audit().result)
+    result["model"] += "<b>"
+    attacks = result["curves"]["l2"]["attacks"]
+    attacks[HOSTILE_ATTACK] = attacks.pop("carlini-wagner-l2")
+    result["masking_checks"]["checks"][0]["evidence"] += " <sic> & more"
+    result["gate"]["lines"][1]["detail"] = "<too low>"
+    return result
 
 
 def sample_images(k: int = 4, channels: int = 1, size: int = 28, seed: int = 0) -> ReportSamples:
@@ -183,7 +138,7 @@ def test_every_string_from_the_data_is_escaped() -> None:
     tags = parse(page)
     assert HOSTILE not in page and "<script" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "fmnist-cnn@1&lt;b&gt;" in page and "<b>" not in page
+    assert "tiny-net@1&lt;b&gt;" in page and "<b>" not in page
     assert "&lt;img src=x onerror=alert(2)&gt;" in page
     assert "coat &quot;long&quot; &amp; warm" in page
     assert "&lt;sic&gt; &amp; more" in page and "&lt;too low&gt;" in page
@@ -265,34 +220,59 @@ def test_the_worst_case_line_goes_through_its_values() -> None:
 
 def test_the_worst_case_carries_its_intervals_as_error_bars() -> None:
     result = full_result()
-    worst = result["curves"]["linf"]["worst_case"]
-    result["intervals"] = {"curves": {"linf": {"worst_case": [
-        {"lower": v - 0.05, "upper": v + 0.05, "n": 500} for v in worst]}}}
+    bands = result["intervals"]["curves"]["linf"]["worst_case"]
     chart = re.findall(r"<svg.*?</svg>", render_report(result, None, CLASSES), re.S)[0]
-    plain = re.findall(r"<svg.*?</svg>", render_report(full_result(), None, CLASSES), re.S)[0]
-    assert chart.count("LineCollection") > plain.count("LineCollection")
-    assert "29.5–39.5%" not in chart  # the chart draws them; the table prints them
-    assert "30.0–40.0%" in section(render_report(result, None, CLASSES), "robust-accuracy")
+    plain = re.findall(r"<svg.*?</svg>", render_report({**result, "intervals": None}, None, CLASSES), re.S)[0]
+    assert 'id="curve-linf-intervals-0"' in chart and 'id="curve-linf-intervals-0"' not in plain
+    # one segment per point: the clean accuracy's interval at eps 0, then the worst case's
+    group = chart[chart.index('id="curve-linf-intervals-0"'):].split("</g>")[0]
+    assert group.count("<path") == len(bands) + 1
+    table = section(render_report(result, None, CLASSES), "robust-accuracy")
+    clean = result["intervals"]["clean_accuracy"]
+    assert f"{100 * clean['lower']:.1f}–{100 * clean['upper']:.1f}%" in table
+    for band in bands:  # the chart draws them; the table prints them
+        assert f"{100 * band['lower']:.1f}–{100 * band['upper']:.1f}%" in table
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
 
 
 def test_values_appear_formatted() -> None:
-    page = render_report(full_result(), sample_images(), CLASSES)
-    assert "92.0%" in page  # clean accuracy
-    assert "5.0%" in section(page, "robust-accuracy")  # worst case at 8/255
-    assert "12.3 s" in page
-    minimal = section(page, "minimal-perturbations")
-    assert "100.0%" in minimal and "0.56" in minimal and "0.4321" in minimal and "98.0%" in minimal
-    detector = section(page, "detector")
-    assert "0.55" in detector and "5.0%" in detector and "80.0%" in detector and "70.0%" in detector
-    assert "40.0%" in section(page, "transfer-attacks")
-    per_class = section(page, "per-class")
-    assert "12.5%" in per_class and "81.0%" in per_class
-    gate = section(page, "gate")
-    assert "✘ fail" in gate and "✔ pass" in gate and "0.92" in gate
-    masking = section(page, "gradient-masking-checks")
-    assert "⚠ warn" in masking and "✔ pass" in masking and "survivors = 3" in masking
+    result = full_result()
+    page = render_report(result, sample_images(), CLASSES)
     summary = page.split("</header>")[0]
-    assert "✘ fail" in summary and "yes" in summary and "no" in summary and "500" in summary
+    assert pct(result["clean_accuracy"]) in summary
+    clean = result["intervals"]["clean_accuracy"]
+    assert f"(95% CI {pct(clean['lower'])[:-1]}–{pct(clean['upper'])}, n={clean['n']})" in summary
+    robust = section(page, "robust-accuracy")
+    assert all(pct(v) in robust for curve in result["curves"].values() for v in curve["worst_case"])
+    assert f"{result['seconds']:.1f} s" in summary and result["seconds"] < 60
+    minimal = section(page, "minimal-perturbations")
+    for entry in result["minimal"].values():
+        assert pct(entry["success_rate"]) in minimal
+        assert all(f"{v:.4g}" in minimal for k, v in entry.items() if k.startswith(("median", "mean")))
+    detector = section(page, "detector")
+    info, bands = result["detector"], result["intervals"]
+    assert f"Threshold {info['threshold']:.4g}" in detector and pct(info["fpr"]) in detector
+    rates = [(metric, key, value) for metric in ("detection_rate", "detect_reject_accuracy",
+                                                 "adaptive_detect_reject_accuracy")
+             for key, value in (info.get(metric) or {}).items()]
+    assert len(rates) >= 2 * 6  # both norms' grids
+    for metric, key, value in rates:  # each rate with its 95% interval
+        band = bands[metric][key]
+        assert pct(value) in detector and f"{pct(band['lower'])[:-1]}–{pct(band['upper'])}" in detector
+    assert pct(info["detection_rate"]["linf:0.1"]) in detector
+    (transfer,) = result["transfer"]
+    assert pct(transfer["success_rate"]) in section(page, "transfer-attacks")
+    per_class = section(page, "per-class")
+    assert all(pct(v) in per_class for row in result["per_class"] for v in row["robust_accuracy"].values())
+    gate = section(page, "gate")
+    assert "✘ fail" in gate and "✔ pass" in gate and escape(result["gate"]["lines"][0]["detail"]) in gate
+    masking = section(page, "gradient-masking-checks")
+    assert "⚠ warn" in masking and "✔ pass" in masking and "– n/a" in masking
+    assert "broken margin = 2" in masking and "attacked = 3" in masking
+    assert "✘ fail" in summary and "no" in summary and "16" in summary
     samples = section(page, "sample-images")
     assert "true: <strong>trouser</strong>" in samples
     assert "adversarial prediction: <strong>pullover</strong>" in samples

@@ -158,7 +158,8 @@ def render_report(result: Mapping[str, Any], samples: ReportSamples | None, clas
         [
             f"<header><h1>{_e(title)}</h1>{_summary(result)}</header>",
             _section("Robust accuracy", _curves(result.get("curves"), result.get("clean_accuracy"),
-                                                _bands(result, "curves"))),
+                                                _bands(result, "curves"),
+                                                _bands(result).get("clean_accuracy"))),
             _section("Gradient-masking checks", _masking(result.get("masking_checks"))),
             _section("Gate", _gate(result.get("gate"))),
             _section("Per class", _per_class(result)),
@@ -295,9 +296,10 @@ def _ci_note(band: Any) -> str:
     return f' <span class="ci">(95% CI {_ci(band)}, n={_num(band.get("n"))})</span>'
 
 
-def _curves(curves: Any, clean_accuracy: Any = None, bands: Mapping[str, Any] | None = None) -> str:
-    """Per norm: the chart (the worst case with its 95% intervals as error bars) and the table
-    (every figure, and a row of the worst case's intervals)."""
+def _curves(curves: Any, clean_accuracy: Any = None, bands: Mapping[str, Any] | None = None,
+            clean_band: Any = None) -> str:
+    """Per norm: the chart (the worst case with its 95% intervals as error bars, the clean
+    accuracy's at eps 0) and the table (every figure, and a row of the worst case's intervals)."""
     if not isinstance(curves, Mapping) or not curves:
         return NOT_RUN
     clean = clean_accuracy if _is_number(clean_accuracy) and math.isfinite(clean_accuracy) else None
@@ -313,14 +315,14 @@ def _curves(curves: Any, clean_accuracy: Any = None, bands: Mapping[str, Any] | 
         worst = curve.get("worst_case")
         band = (bands or {}).get(norm)
         worst_band = list(band.get("worst_case") or []) if isinstance(band, Mapping) else []
-        chart = _chart(norm, eps, series, list(worst) if worst else None, clean, worst_band)
+        chart = _chart(norm, eps, series, list(worst) if worst else None, clean, worst_band, clean_band)
         first = [_pct(clean)] if clean is not None else []
         rows = [[_e(name), *first, *(_pct(v) for v in values)] for name, values in series]
         if worst:
             rows.append(["<strong>worst case</strong>",
                          *(f"<strong>{cell}</strong>" for cell in [*first, *(_pct(v) for v in worst)])])
         if worst_band:
-            rows.append(["worst case, 95% interval", *([MISSING] if first else []),
+            rows.append(["worst case, 95% interval", *([_ci(clean_band)] if first else []),
                          *(_ci(b) for b in worst_band)])
         head = ["attack", *(["0 (clean)"] if clean is not None else []), *(_e(label) for label in labels)]
         parts.append(f'<figure class="chart">{chart}<figcaption>{_e(norm)}</figcaption></figure>\n'
@@ -329,16 +331,18 @@ def _curves(curves: Any, clean_accuracy: Any = None, bands: Mapping[str, Any] | 
 
 
 def _chart(norm: str, eps: Sequence[float], series: Sequence[tuple[str, Sequence[Any]]],
-           worst_case: Sequence[Any] | None, clean: float | None, worst_band: Sequence[Any]) -> str:
+           worst_case: Sequence[Any] | None, clean: float | None, worst_band: Sequence[Any],
+           clean_band: Any = None) -> str:
     """The chart of one norm: every attack, and the worst case (with its 95% intervals) beneath them;
-    each line starts at the clean accuracy, at eps 0."""
+    each line starts at the clean accuracy (with its interval), at eps 0."""
     xs = [0.0, *eps] if clean is not None else list(eps)
     start = [clean] if clean is not None else []
     lines = []
     if worst_case is not None:
-        bands = [b if isinstance(b, Mapping) else {} for b in worst_band]
-        low = [None] * len(start) + [b.get("lower") for b in bands]
-        high = [None] * len(start) + [b.get("upper") for b in bands]
+        first = [clean_band if isinstance(clean_band, Mapping) else {}] if start else []
+        bands = [b if isinstance(b, Mapping) else {} for b in [*first, *worst_band]]
+        low = [b.get("lower") for b in bands]
+        high = [b.get("upper") for b in bands]
         lines.append(Series("worst case", xs, [*start, *worst_case], low, high, emphasis=True))
     lines.extend(Series(name, xs, [*start, *values]) for name, values in series)
     return accuracy_chart_svg(f"Robust accuracy under {norm} attacks", f"eps ({norm})", lines,
@@ -481,16 +485,29 @@ def _detector(detector: Any, bands: Mapping[str, Any] | None = None) -> str:
         return NOT_RUN
     rates = detector.get("detection_rate") or {}
     reject = detector.get("detect_reject_accuracy") or {}
+    adaptive = detector.get("adaptive_detect_reject_accuracy") or {}
+    run: Mapping[str, Any] = detector["adaptive"] if isinstance(detector.get("adaptive"), Mapping) else {}
     head = (
         f"<p>Threshold {_num(detector.get('threshold'))}, false-positive rate on clean inputs "
         f"{_pct(detector.get('fpr'))}.</p>"
+        "<p><strong>Oblivious</strong>: the suite's worst-case examples, made by attacks that do not know "
+        "the detector (detection rate and the first detect-and-reject accuracy). "
+        "<strong>Adaptive</strong>: an attack on the model and the detector jointly (squeeze-adaptive, "
+        "BPDA through the squeezers; Carlini &amp; Wagner 2017, Tramer et al. 2020), or the oblivious "
+        "example where that already passes the detector: the figure to trust. "
+        + (f"It ran {_num(run.get('steps'))} steps on {_num(run.get('sample_eps_attacked'))} sample-eps "
+           f"pairs in {_num(run.get('seconds'))} s.</p>" if adaptive else "It did not run.</p>")
     )
-    labels = list(rates) + [k for k in reject if k not in rates]
-    rate_bands = _bands(bands or {}, "detection_rate")
-    reject_bands = _bands(bands or {}, "detect_reject_accuracy")
+    labels = list(rates) + [k for k in [*reject, *adaptive] if k not in rates]
+    # ``bands`` is ``result["intervals"]`` already (``_bands`` would look for "intervals" inside it)
+    rate_bands, reject_bands, adaptive_bands = (
+        found if isinstance(found := (bands or {}).get(name), Mapping) else {}
+        for name in ("detection_rate", "detect_reject_accuracy", "adaptive_detect_reject_accuracy"))
     rows = [[_e(label), _pct(rates.get(label)), _ci(rate_bands.get(label)), _pct(reject.get(label)),
-             _ci(reject_bands.get(label))] for label in labels]
-    head_row = ["eps", "detection rate", "95% interval", "detect-and-reject accuracy", "95% interval"]
+             _ci(reject_bands.get(label)), _pct(adaptive.get(label)), _ci(adaptive_bands.get(label))]
+            for label in dict.fromkeys(labels)]
+    head_row = ["eps", "detection rate (oblivious)", "95% interval", "detect-and-reject accuracy (oblivious)",
+                "95% interval", "detect-and-reject accuracy (adaptive)", "95% interval"]
     return head + (_table(head_row, rows) if rows else "")
 
 
