@@ -66,16 +66,26 @@ class FileStore:
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put(self, key: str, data: bytes) -> None:
-        target = self.path(key)
+    @staticmethod
+    def _staged(target: Path, data: bytes) -> Path:
+        """``data`` written whole to a temporary file beside ``target``, for a rename or a link."""
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
+            raise
+        return Path(tmp)
+
+    def put(self, key: str, data: bytes) -> None:
+        target = self.path(key)
+        tmp = self._staged(target, data)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
 
     def create(self, key: str, data: bytes) -> bool:
@@ -83,16 +93,13 @@ class FileStore:
         between processes sharing the directory: a hard link fails when its name exists, and the
         blob appears whole (the temporary file is complete before it is linked)."""
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        tmp = self._staged(target, data)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
             os.link(tmp, target)
         except FileExistsError:
             return False
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         return True
 
     def get(self, key: str) -> bytes:
