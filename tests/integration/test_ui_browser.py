@@ -18,6 +18,9 @@ import pytest
 from redis import Redis
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.wait import WebDriverWait
 
 from history.store import HistoryStore
 from models.store import FileStore
@@ -66,6 +69,14 @@ def settled(driver: Chrome, title_start: str) -> list[dict[str, Any]]:
             and not ("/favicon.ico" in entry["message"] and title_start == "Robustness audit")]
 
 
+def follow(driver: Chrome, element: WebElement) -> None:
+    """Click ``element`` and wait until the browser has left the page it was on (two pages may share a
+    title, so the title alone cannot tell that the next one has loaded)."""
+    page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(page))
+
+
 def charts(driver: Chrome) -> list[dict[str, float]]:
     return list(driver.execute_script(
         "return Array.from(document.querySelectorAll('svg'), s => {const r = s.getBoundingClientRect();"
@@ -81,12 +92,12 @@ def test_sign_in_then_models_history_and_a_report(browser: Chrome, gateway: str,
     assert settled(browser, "Sign in") == []
     assert "/ui/login" in browser.current_url
     browser.find_element(By.NAME, "key").send_keys("not-a-key")
-    browser.find_element(By.CSS_SELECTOR, "form button").click()
+    follow(browser, browser.find_element(By.CSS_SELECTOR, "form button"))
     refused = settled(browser, "Sign in")  # answered 401, which the console reports, and nothing else
     assert [entry["message"] for entry in refused if "401" not in entry["message"]] == []
     assert "Unknown API key" in browser.find_element(By.CSS_SELECTOR, ".error").text
     browser.find_element(By.NAME, "key").send_keys(KEY)
-    browser.find_element(By.CSS_SELECTOR, "form button").click()
+    follow(browser, browser.find_element(By.CSS_SELECTOR, "form button"))
     browser.get_log("browser")
 
     assert settled(browser, "Models") == []
@@ -95,13 +106,13 @@ def test_sign_in_then_models_history_and_a_report(browser: Chrome, gateway: str,
     assert "v3 · quick" in row and "pass" in row and "78.0%" in row and "vision" in row
     browser.save_screenshot(str(folder / "ui-models.png"))
 
-    browser.find_element(By.LINK_TEXT, "vision-cnn").click()
+    follow(browser, browser.find_element(By.LINK_TEXT, "vision-cnn"))
     assert settled(browser, "vision-cnn") == []
     [chart] = charts(browser)
     assert chart["series"] == 3 and chart["width"] > 300 and chart["height"] > 150
     browser.save_screenshot(str(folder / "ui-model-history.png"))
 
-    browser.find_elements(By.LINK_TEXT, "report")[0].click()
+    follow(browser, browser.find_elements(By.LINK_TEXT, "report")[0])
     assert settled(browser, "Robustness audit") == []
     assert browser.current_url.startswith(f"{gateway}/ui/reports/")  # shown, not downloaded
     assert len(charts(browser)) == 1
@@ -111,11 +122,11 @@ def test_sign_in_then_models_history_and_a_report(browser: Chrome, gateway: str,
     assert settled(browser, "Jobs") == []
     assert len(browser.find_elements(By.CSS_SELECTOR, "tbody tr")) == 50
     browser.save_screenshot(str(folder / "ui-jobs.png"))
-    browser.find_element(By.PARTIAL_LINK_TEXT, "older").click()
+    follow(browser, browser.find_element(By.PARTIAL_LINK_TEXT, "older"))
     assert settled(browser, "Jobs") == []
     assert len(browser.find_elements(By.CSS_SELECTOR, "tbody tr")) == 50
 
-    browser.find_element(By.CSS_SELECTOR, "nav form button").click()  # sign out (a POST with its token)
+    follow(browser, browser.find_element(By.CSS_SELECTOR, "nav form button"))  # sign out: a POST with its token
     assert settled(browser, "Sign in") == []
     browser.get(f"{gateway}/ui/models")
     assert settled(browser, "Sign in") == []
