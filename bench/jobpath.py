@@ -11,10 +11,10 @@ kernel on the same images, threads and chunk size, in the same run.
   store, RQ's bookkeeping. Timed from enqueue to the worker's return.
 * ``kernel``: ``workers.attacks.pgd.pgd`` over the same images in chunks of the same size, nothing
   else.
-* ``kernel + scoring forwards``: the kernel, then the model's forward over its adversarial images and
-  over their 8-bit rounding, in the same chunks: what the job's scores need on top of the kernel
-  (``workers.scores.predict_reusing`` skips a chunk's forward only where its bits are known), so
-  the floor of the job's ratio with unchanged scores.
+* ``kernel + 8-bit forward``: the kernel, then the model's forward over the 8-bit rounding of its
+  adversarial images, in the same chunks: what the job's scores need on top of the kernel (the
+  adversarial images' logits are the kernel's own, ``AttackOutput.logits``; see
+  ``workers.scores.logits_reusing``), so the floor of the job's ratio.
 
 PGD Linf eps 0.1, step size 0.01, ``--steps`` steps, seed 0, on the first ``--n`` Fashion-MNIST test
 images. Median of ``--repeats`` round-robin runs (``bench.attacks.time_round_robin``) after one
@@ -140,11 +140,9 @@ def run(args: argparse.Namespace, var: Path) -> tuple[list[dict[str, Any]], dict
         return x_adv
 
     def floor_once() -> torch.Tensor:
-        # What the job's scores cannot do without: the adversarial and the 8-bit images forwarded in
-        # the chunks the attack ran in (logits from other batch sizes round differently, see
-        # workers.scores.predict_reusing), on top of the kernel.
+        # What the job's scores cannot do without on top of the kernel: the 8-bit images forwarded
+        # in the chunks the attack ran in (the adversarial images' logits are the kernel's own).
         x_adv = kernel_once()
-        model.predict(x_adv, batch_size)
         return model.predict(quantize_in_ball(x_adv, x, card.bounds, EPS, "linf"), batch_size)
 
     (result, worker_s, job_others), (_, kernel_s, kernel_others), (_, floor_s, floor_others) = \
@@ -155,7 +153,7 @@ def run(args: argparse.Namespace, var: Path) -> tuple[list[dict[str, Any]], dict
          "ratio": round(job_s / kernel_s, 3), "other_cores_busy": job_others},
         {"path": "job with a burst worker's start and stop", "seconds": round(worker_s, 3),
          "ratio": round(worker_s / kernel_s, 3), "other_cores_busy": job_others},
-        {"path": "bare kernel + the two scoring forwards (8-bit rounding included)",
+        {"path": "bare kernel + the 8-bit re-score forward (rounding included)",
          "seconds": round(floor_s, 3), "ratio": round(floor_s / kernel_s, 3), "other_cores_busy": floor_others},
         {"path": "bare kernel (same images, chunks, threads)", "seconds": round(kernel_s, 3),
          "ratio": 1.0, "other_cores_busy": kernel_others},

@@ -49,10 +49,11 @@ from workers.liveness import Drained, check_draining, fail_audit
 from workers.scores import (
     Evaluation,
     evaluate,
+    logits_reusing,
     outside_ball,
-    predict_reusing,
     quantize,
     quantize_in_ball,
+    rows_equal,
     summarize,
 )
 from workers.settings import WorkerSettings
@@ -267,18 +268,42 @@ def load_attack(attack: Any, ctx: Context, card: ModelCard, y: torch.Tensor) -> 
     return LoadedAttack(fields, targets, gen_card)
 
 
+@dataclass(frozen=True)
+class Crafted:
+    """What ``craft_chunks`` returns: ``x_adv`` like ``x``, the per-sample ``queries`` and
+    ``gradients``, and the model's logits on the rows of ``x_adv`` that the kernel forwarded itself
+    (``logits``, meaningful where ``logits_known``; None when the kernel keeps none, see
+    ``AttackOutput.logits``)."""
+
+    x_adv: torch.Tensor
+    queries: torch.Tensor
+    gradients: torch.Tensor
+    logits: torch.Tensor | None = None
+    logits_known: torch.Tensor | None = None
+
+
 def craft(
     model: Classifier, x: torch.Tensor, y: torch.Tensor, attack: Any, batch_size: int,
     generator: torch.Generator, targets: torch.Tensor | None = None,
     on_chunk: Callable[[int], None] | None = None, loaded: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``attack`` (its pydantic params) over ``x`` chunk by chunk: ``x_adv`` and the
-    per-sample queries and gradient calls. ``on_chunk(processed)`` runs after each chunk;
-    ``loaded``: see ``kernel_spec``."""
+    """``craft_chunks`` without the kernel's logits: ``x_adv``, queries and gradient calls."""
+    out = craft_chunks(model, x, y, attack, batch_size, generator, targets, on_chunk, loaded)
+    return out.x_adv, out.queries, out.gradients
+
+
+def craft_chunks(
+    model: Classifier, x: torch.Tensor, y: torch.Tensor, attack: Any, batch_size: int,
+    generator: torch.Generator, targets: torch.Tensor | None = None,
+    on_chunk: Callable[[int], None] | None = None, loaded: Mapping[str, Any] | None = None,
+) -> Crafted:
+    """Run ``attack`` (its pydantic params) over ``x`` chunk by chunk. ``on_chunk(processed)``
+    runs after each chunk; ``loaded``: see ``kernel_spec``."""
     kernel, kspec = kernel_spec(attack, loaded)
     x_adv = torch.empty_like(x)
     queries = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     gradients = torch.zeros_like(queries)
+    logits: torch.Tensor | None = None
     for start in range(0, x.shape[0], batch_size):
         stop = min(start + batch_size, x.shape[0])
         chunk_targets = targets[start:stop] if targets is not None else None
@@ -287,15 +312,24 @@ def craft(
         x_adv[start:stop] = out.x_adv
         queries[start:stop] = out.queries
         gradients[start:stop] = out.gradients
+        if out.logits is not None and (start == 0 or logits is not None):
+            if logits is None:
+                logits = out.logits.new_empty((x.shape[0], *out.logits.shape[1:]))
+            logits[start:stop] = out.logits
+        else:
+            logits = None  # a chunk without: none (kernels keep them for every chunk or for none)
         if on_chunk is not None:
             on_chunk(stop)
     # Never trust the kernel's own loop: project once more (the caller judges the final tensor).
+    raw = x_adv
     eps = getattr(kspec, "eps", None)
     if eps is not None:
         x_adv = project(x_adv, x, eps, getattr(kspec, "norm", "linf"), model.bounds)
     else:
         x_adv = x_adv.clamp(*model.bounds)
-    return x_adv, queries, gradients
+    # The kernel's logits stand for the rows the projection left bit for bit as the kernel made them.
+    known = rows_equal(x_adv, raw) if logits is not None else None
+    return Crafted(x_adv, queries, gradients, logits, known)
 
 
 # --- attack ----------------------------------------------------------------------------------
@@ -340,8 +374,9 @@ def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
 
         _check_cancel(job)
         _progress(job, 0.0, stage={"phase": "attacking"})
-        x_adv, queries, gradients = craft(attacker, x, y, spec.attack, batch_size, generator,
-                                          targets, on_chunk, loaded.spec_fields)
+        crafted = craft_chunks(attacker, x, y, spec.attack, batch_size, generator, targets, on_chunk,
+                               loaded.spec_fields)
+        x_adv, queries, gradients = crafted.x_adv, crafted.queries, crafted.gradients
     finally:
         attacker.forget()
     _progress(job, 1.0, stage={"phase": "scoring"})
@@ -350,14 +385,20 @@ def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
     # encoding and the store's I/O mostly release the GIL).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"artifacts-{spec.job_id}") as pool:
         images = pool.submit(_write_images, ctx.store, spec.job_id, card, x, x_adv)
-        # Chunks the attack left unchanged keep their clean logits, and chunks that quantizing left
-        # unchanged their adversarial ones: the same bits without a forward pass (predict_reusing).
-        adv_logits = predict_reusing(model, x_adv, batch_size, x, clean_logits)
+        # Rows whose logits a forward pass already gave need none: those the attack left unchanged
+        # (the clean pass), those the kernel forwarded itself (when it crafted on this very model),
+        # and, 8-bit, those quantizing left unchanged (see logits_reusing).
+        unchanged = rows_equal(x_adv, x)
+        known_logits, known = clean_logits, unchanged
+        if crafted.logits is not None and crafted.logits_known is not None and attacker is model:
+            known_logits = torch.where(unchanged[:, None], clean_logits, crafted.logits)
+            known = unchanged | crafted.logits_known
+        adv_logits = logits_reusing(model, x_adv, batch_size, known_logits, known)
         ev = evaluate(model, x, y, x_adv, clean_pred, targets, batch_size, adv_logits)
         ball = attack_ball(spec.attack, loaded.spec_fields)
         x_q, ball_info = quantize_for_client(x_adv, x, card.bounds, ball)
         ev_q = evaluate(model, x, y, x_q, clean_pred, targets, batch_size,
-                        predict_reusing(model, x_q, batch_size, x_adv, adv_logits))
+                        logits_reusing(model, x_q, batch_size, adv_logits, rows_equal(x_q, x_adv)))
         scores = summarize(ev, y, clean_pred, labels_given, minimal)
         scores["gradient_calls"] = float(gradients.double().mean())
         scores["queries"] = float(queries.double().mean())

@@ -109,25 +109,28 @@ def outside_ball(x_q: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm,
     return flat_norm((x_q - x).double(), norm) > eps + BALL_SLACK_LEVELS * (hi - lo) / 255
 
 
-def predict_reusing(model: Classifier, x: torch.Tensor, batch_size: int, known_x: torch.Tensor,
-                    known_logits: torch.Tensor) -> torch.Tensor:
-    """``model.predict(x, batch_size)``, bit for bit, without the forward pass of any chunk equal
-    bit for bit to the same chunk of ``known_x``, whose logits ``known_logits`` (computed by
-    ``model.predict(known_x, batch_size)``) are taken instead: the same inputs in the same batch give
-    the same logits (deterministic kernels). A chunk with one changed row is forwarded whole: the
-    rows alone, a smaller batch, can round differently (fmnist-cnn on CPU: up to 6e-6 in the logits
-    below 16 rows), and the scores must not depend on that."""
-    assert known_x.shape == x.shape and known_logits.shape[0] == x.shape[0]
-    if not len(x):
-        return model.predict(x, batch_size)
-    chunks = []
-    for start in range(0, x.shape[0], batch_size):
-        chunk, known = x[start:start + batch_size], known_x[start:start + batch_size]
-        if torch.equal(chunk, known) and torch.equal(chunk.signbit(), known.signbit()):  # -0.0 too
-            chunks.append(known_logits[start:start + batch_size])
-        else:
-            chunks.append(model.logits(chunk))
-    return torch.cat(chunks)
+def rows_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row ``(N,)`` bool: row of ``a`` equal bit for bit to the row of ``b`` (-0.0 is not 0.0)."""
+    same = (a == b) & (a.signbit() == b.signbit())
+    return same.flatten(1).all(dim=1)
+
+
+def logits_reusing(model: Classifier, x: torch.Tensor, batch_size: int, known_logits: torch.Tensor,
+                   known: torch.Tensor) -> torch.Tensor:
+    """The model's logits on ``x``: ``known_logits`` for the rows where ``known`` ``(N,)`` is True,
+    a forward pass (``model.predict``, chunks of ``batch_size``) for the others only.
+
+    Known logits come from a forward pass of the model on exactly that row (the clean pass for rows
+    an attack left unchanged, the kernel's own pass, see ``AttackOutput.logits``), in another
+    batch: batch-size dependent kernels round differently (fmnist-cnn on CPU: up to 6e-6 in the
+    logits), so the scores equal those of a fresh forward pass to that rounding, and are the same
+    on every run with the same inputs, seed and batch size."""
+    assert known_logits.shape[0] == x.shape[0] == known.shape[0]
+    logits = known_logits.clone()
+    missing = (~known).nonzero().squeeze(1)
+    if missing.numel():
+        logits[missing] = model.predict(x[missing], batch_size)
+    return logits
 
 
 def evaluate(
@@ -141,7 +144,7 @@ def evaluate(
     logits: torch.Tensor | None = None,
 ) -> Evaluation:
     """Per-sample outcome of ``x_adv``; ``logits``: the model's on ``x_adv`` when already known
-    (as ``model.predict(x_adv, batch_size)`` computes them, see ``predict_reusing``)."""
+    (see ``logits_reusing``)."""
     if logits is None:
         logits = model.predict(x_adv, batch_size)
     probs = logits.softmax(dim=1)

@@ -1,7 +1,7 @@
 """The warm job path: batch-size calibration remembered per model version and device and shown as
 the job's stage (a real RQ job on a real Redis), ADVERSA_TORCH_THREADS applied, the clean logits
-a job computes answering its kernel's first forward, scoring that skips only the forward passes
-whose logits it already holds (the job's scores and bytes equal a direct computation's), and a
+a job computes answering its kernel's first forward, scoring that skips the forward passes of
+the rows whose logits it already holds (the job's scores and bytes equal a direct computation's), and a
 prediction's input read from beside its job."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from workers.classifier import Classifier
 from workers.jobs import Context, install_context, job_batch_size, make_context
 from workers.liveness import HeartbeatWorker
 from workers.main import apply_threads
-from workers.scores import evaluate, predict_reusing, quantize_in_ball, summarize
+from workers.scores import evaluate, logits_reusing, quantize_in_ball, rows_equal, summarize
 from workers.settings import WorkerSettings
 
 
@@ -121,20 +121,39 @@ def test_remembered_clean_logits_answer_the_kernels_first_forward() -> None:
     assert calls == 3
 
 
-def test_scoring_reuses_only_chunks_equal_bit_for_bit() -> None:
+def test_scoring_forwards_only_the_rows_whose_logits_it_lacks() -> None:
     model = tiny_classifier()
     x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    known = model.predict(x, 16)
+    known_logits = model.predict(x, 16)
     changed = x.clone()
-    changed[20] = changed[20].flip(-1)  # one row of the second chunk (rows 16-31)
-    changed[39, 0, 0, 0] = torch.nextafter(changed[39, 0, 0, 0], torch.tensor(2.0))  # one ulp, last chunk
+    changed[20] = changed[20].flip(-1)
+    changed[39, 0, 0, 0] = torch.nextafter(changed[39, 0, 0, 0], torch.tensor(2.0))  # one ulp
+    same = rows_equal(changed, x)
+    assert same.sum() == 38 and not same[20] and not same[39]
     model.reset_counters()
-    logits = predict_reusing(model, changed, 16, x, known)
-    assert model.queries == 16 + 8  # the two changed chunks, whole; the first is taken as it was
-    assert torch.equal(logits, model.predict(changed, 16))
-    assert torch.equal(logits[:16], known[:16]) and not torch.equal(logits[16:32], known[16:32])
-    model.reset_counters()
-    assert torch.equal(predict_reusing(model, x, 16, x.clone(), known), known) and model.queries == 0
+    logits = logits_reusing(model, changed, 16, known_logits, same)
+    assert model.queries == 2  # the two changed rows, and only they
+    assert torch.equal(logits[same], known_logits[same])
+    assert torch.equal(logits[~same], model.predict(changed[~same], 16))
+    assert torch.allclose(logits, model.predict(changed, 16), atol=1e-5)  # a fresh pass, to rounding
+    zero = torch.zeros(1, 3)
+    assert not rows_equal(zero, -zero).any() and rows_equal(zero, zero.clone()).all()
+
+
+def test_pgd_returns_the_models_logits_on_each_row_it_returns() -> None:
+    """The kernel's logits (which the job's scores take) are the model's on the returned rows: early
+    stopped, last iterates, and rows it never attacked; they match a fresh forward to rounding."""
+    cache = ModelCache(CardIndex.default(), torch.device("cpu"))
+    _, model = cache.get("fmnist-cnn")
+    x_np, y_np = load_split("fashion-mnist:test").slice(0, 24)
+    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    for spec in (PGDSpec(eps=0.1, steps=5, step_size=0.03), PGDSpec(eps=0.02, steps=3, restarts=2),
+                 PGDSpec(eps=0.05, steps=3, early_stop=False)):
+        out = pgd(model, x, y, spec, generator=torch.Generator().manual_seed(0))
+        assert out.logits is not None and out.logits.shape == (24, 10)
+        fresh = model.predict(out.x_adv, 24)
+        assert torch.allclose(out.logits, fresh, atol=1e-5), (spec, (out.logits - fresh).abs().max())
+        assert torch.equal(out.logits.argmax(1), fresh.argmax(1))
 
 
 @pytest.fixture
@@ -157,8 +176,9 @@ def run_burst(redis: Redis, queue: Queue) -> None:
 
 def test_attack_job_scores_and_bytes_equal_a_direct_computation(worker_context: Context, redis: Redis) -> None:
     """The job's scores (the 8-bit re-score included) and adversarial.npy, bit for bit, against the
-    kernel run chunk by chunk and every image forwarded for its scores; 40 images in chunks of 16
-    (a last chunk of 8, which a batch of its own can round differently)."""
+    kernel run chunk by chunk, its own logits taken for the rows it returns and a forward pass for
+    the 8-bit rows that rounding changed; 40 images in chunks of 16 (a last chunk of 8). Every count
+    and rate also equals the one a fresh forward pass of every image gives."""
     context = worker_context
     queue = Queue("warm-test-attacks", connection=redis, serializer=JSONSerializer)
     n, batch, eps, steps, step = 40, 16, 0.1, 5, 0.03
@@ -181,8 +201,12 @@ def test_attack_job_scores_and_bytes_equal_a_direct_computation(worker_context: 
     spec = PGDSpec(eps=eps, steps=steps, step_size=step)
     outs = [pgd(model, x[i:i + batch], y[i:i + batch], spec, generator=generator) for i in range(0, n, batch)]
     x_adv = project(torch.cat([o.x_adv for o in outs]), x, eps, "linf", card.bounds)
-    ev = evaluate(model, x, y, x_adv, clean_pred, None, batch)
-    ev_q = evaluate(model, x, y, quantize_in_ball(x_adv, x, card.bounds, eps, "linf"), clean_pred, None, batch)
+    kernel_logits = torch.cat([o.logits for o in outs if o.logits is not None])
+    assert torch.equal(x_adv, torch.cat([o.x_adv for o in outs]))  # nothing for the projection to do
+    x_q = quantize_in_ball(x_adv, x, card.bounds, eps, "linf")
+    q_logits = logits_reusing(model, x_q, batch, kernel_logits, rows_equal(x_q, x_adv))
+    ev = evaluate(model, x, y, x_adv, clean_pred, None, batch, kernel_logits)
+    ev_q = evaluate(model, x, y, x_q, clean_pred, None, batch, q_logits)
     scores: dict[str, Any] = result["scores"]
     assert {k: v for k, v in scores.items() if k not in ("gradient_calls", "queries", "quantized")} == \
         summarize(ev, y, clean_pred, True, False)
@@ -191,6 +215,11 @@ def test_attack_job_scores_and_bytes_equal_a_direct_computation(worker_context: 
     assert scores["gradient_calls"] == float(torch.cat([o.gradients for o in outs]).double().mean())
     stored = context.store.get(f"jobs/{job_id}/adversarial.npy")
     assert stored == artifact_npy(x_adv.numpy().astype(np.float32))
+    # A fresh pass over every image decides every sample the same way.
+    fresh = summarize(evaluate(model, x, y, x_adv, clean_pred, None, batch), y, clean_pred, True, False)
+    for key in ("robust_accuracy", "success_rate", "successes", "clean_accuracy"):
+        assert scores[key] == fresh[key], key
+    assert scores["confidence"] == pytest.approx(fresh["confidence"], abs=1e-5)
 
 
 def test_prediction_reads_its_input_beside_the_job(worker_context: Context, redis: Redis) -> None:

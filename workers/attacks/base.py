@@ -23,12 +23,18 @@ class AttackOutput:
 
     ``success`` is the kernel's own view (None where the caller asked it not to evaluate its
     output); callers re-judge it on the returned tensor.
+
+    ``logits`` ``(N, classes)``, where a kernel keeps them: the model's logits on each returned row,
+    from a forward pass the kernel made on exactly that row (in a batch of its making, which can
+    round differently from another batch by about 1e-6). The job's scores take them instead of a
+    forward pass of their own for the rows the final projection leaves bit for bit unchanged.
     """
 
     x_adv: torch.Tensor
     success: torch.Tensor | None
     queries: torch.Tensor
     gradients: torch.Tensor
+    logits: torch.Tensor | None = None
 
 
 StateT = TypeVar("StateT")

@@ -81,6 +81,7 @@ def pgd(
     # Only inputs classified correctly are attacked (as in AutoAttack): the others are returned
     # unchanged, so an attack can never make a wrong prediction right.
     logits = model.logits(x)
+    logits_best = logits.clone()  # the model's logits on each row of x_best (see AttackOutput)
     queries += 1
     success = goal_reached(logits, y, targets, spec.targeted)
     done = logits.argmax(dim=1) != y
@@ -108,9 +109,11 @@ def pgd(
             hit = goal_reached(logits, g0, g0, spec.targeted)
             if last or spec.early_stop:
                 x_best[idx[hit]] = x_adv[hit]
+                logits_best[idx[hit]] = logits[hit]
                 success[idx[hit]] = True
             if last:
                 x_best[idx[~hit]] = x_adv[~hit]
+                logits_best[idx[~hit]] = logits[~hit]
                 break
             if spec.early_stop and bool(hit.any()):
                 keep = ~hit
@@ -120,4 +123,4 @@ def pgd(
             step_dir = steepest_direction(grad, spec.norm)
             x_adv = project(x_adv + sign * spec.alpha * step_dir, x0, spec.eps, spec.norm,
                             model.bounds)
-    return AttackOutput(x_best, success, queries, gradients)
+    return AttackOutput(x_best, success, queries, gradients, logits_best.detach())
