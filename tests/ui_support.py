@@ -1,5 +1,5 @@
-"""A history for the web-page tests and bench: audits of several versions of a model (with their
-reports in the blob store) and plain jobs, recorded as the worker records them."""
+"""A history for the web-page tests and bench: audits of several versions of a model (real merge
+output, with their reports in the blob store) and plain jobs, recorded as the worker records them."""
 
 from __future__ import annotations
 
@@ -12,30 +12,21 @@ import models
 from history.recording import audit_summary
 from history.store import HistoryStore, JobRecord
 from models.store import BlobStore
+from tests.unit.real_audits import history_audit
 from workers.audit.report import render_report
 from workers.specs import JobError, JobState
 
-EPS = {"linf": ["1/255", "2/255", "4/255", "8/255", "0.05", "0.1", "0.2", "0.3"]}
 START = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
 
-def audit_result(model: str, version: int, n: int = 200, verdict: str | None = "pass") -> dict[str, Any]:
-    """An audit result as the merge makes it: each version more robust than the one before."""
-    from contracts.gate import parse_eps
-
-    eps = [parse_eps(label) for label in EPS["linf"]]
-    clean = 0.90 - 0.01 * version
-    slope = max(0.6, 1.8 - 0.3 * version)
-    worst = [min(clean, max(0.0, clean - slope * e - 0.05 * (e > 0.1))) for e in eps]
-    curve = {"eps": eps, "labels": EPS["linf"], "worst_case": worst,
-             "attacks": {"fgsm": [min(clean, w + 0.1) for w in worst], "apgd-ce": worst}}
-    lines = [{"expression": "robust_accuracy@linf:0.1 >= 0.5", "metric": "robust_accuracy",
-              "value": worst[5], "passed": verdict == "pass", "detail": ""}]
-    return {"model": f"{model}@{version}", "suite": "quick", "n": n, "seed": 0, "clean_accuracy": clean,
-            "curves": {"linf": curve},
-            "robust_accuracy": {f"linf:{label}": w for label, w in zip(EPS["linf"], worst, strict=True)},
-            "gate": {"verdict": verdict, "lines": lines} if verdict else None,
-            "artifacts": ["report.html", "audit.json"]}
+def audit_result(model: str, version: int, verdict: str | None = "pass") -> dict[str, Any]:
+    """A real audit's result (the quick Linf audit of a tiny model through the gateway's checks, the
+    chunk jobs and the merge, see ``tests.unit.real_audits.history_audit``), filed as ``model`` at
+    ``version``: each version's on other inputs, so the versions' curves differ; its gate passes,
+    fails, or is absent (``verdict`` None)."""
+    result = history_audit(version % 3, verdict).result
+    assert result["gate"] is None if verdict is None else result["gate"]["verdict"] == verdict
+    return {**result, "model": f"{model}@{version}"}
 
 
 def record_audit(history: HistoryStore, store: BlobStore, job_id: str, team: str, model: str, version: int,

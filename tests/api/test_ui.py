@@ -20,7 +20,7 @@ from service.app import create_app
 from service.settings import Settings
 from service.ui.pages import PAGE_SIZE
 from tests.history_db import DATABASES, database
-from tests.ui_support import START, fill, record_audit
+from tests.ui_support import START, audit_result, fill, record_audit
 
 KEYS = {"key-a": "team-a", "key-b": "team-b"}
 ATTACK = {"model": "fmnist-cnn", "attack": {"name": "fgsm", "eps": 0.1},
@@ -120,9 +120,11 @@ def test_the_models_page_shows_the_latest_verdict_and_robust_accuracy(client: Te
     row = re.search(r'<tr>\s*<td><a href="/ui/models/fmnist-cnn">fmnist-cnn</a></td>(.*?)</tr>', page.text,
                     re.S)
     assert row, page.text
-    # The newest audit is of version 3: clean 87%, 78.0% robust at the gate's linf:0.1.
+    # The newest audit is of version 3: its clean accuracy and its robust accuracy at the gate's eps.
+    newest = audit_result("fmnist-cnn", 3)
     assert "v3 · quick" in row.group(1) and "✔ pass" in row.group(1)
-    assert "78.0%" in row.group(1) and "@ linf:0.1" in row.group(1) and "87.0%" in row.group(1)
+    assert f"{newest['robust_accuracy']['linf:0.1']:.1%}" in row.group(1) and "@ linf:0.1" in row.group(1)
+    assert f"{newest['clean_accuracy']:.1%}" in row.group(1)
     assert "team-b" not in page.text and "secretaudit" not in page.text
 
 
@@ -135,7 +137,7 @@ def test_a_models_history_plots_every_version(client: TestClient) -> None:
     assert len(svg) == 1  # one norm
     assert len(re.findall(r'<g id="history-linf-series-\d+">', svg[0])) == 3
     for version in (1, 2, 3):
-        assert f">v{version} (quick, n=200)</text>" in svg[0]
+        assert f">v{version} (quick, n={audit_result('fmnist-cnn', version)['n']})</text>" in svg[0]
     assert "v9" not in svg[0]  # team-b's audit
     assert len(re.findall(r'href="/ui/reports/teama\d+"', page.text)) == 3
     problem(client.get("/ui/models/fmnist-cnn@2"), 422, "name")

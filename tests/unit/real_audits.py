@@ -225,3 +225,19 @@ def full_audit() -> RealAudit:
                               "masking_checks == pass"]}
     x = inputs()
     return run(request, x, own_labels("tiny-net", x))
+
+
+# The gate lines of the audits in the web pages' history: one that passes, one that fails.
+HISTORY_GATES = {"pass": "robust_accuracy@linf:0.1 >= 0.1", "fail": "robust_accuracy@linf:0.1 >= 0.9"}
+
+
+@functools.cache
+def history_audit(seed: int, verdict: str | None) -> RealAudit:
+    """The quick audit of tiny-net over the default Linf grid (1/255 ... 0.3) on 16 inputs drawn with
+    ``seed`` (labels: its own predictions), with a gate that passes, fails, or none (``verdict``
+    None): what the web pages' history shows."""
+    thresholds = [HISTORY_GATES[verdict]] if verdict is not None else []
+    request = {"model": "tiny-net", "suite": "quick", "norms": ["linf"], "seed": 0, "chunk_size": CHUNK,
+               "steps": 3, "thresholds": thresholds}
+    x = inputs(seed=seed)
+    return run(request, x, own_labels("tiny-net", x))
