@@ -3,7 +3,8 @@ server, tests/s3server.py) and the history database, each with its own var dir (
 An attack on uploaded images runs, its artifacts come back over HTTP, every blob is in the bucket
 and none on either disk; the worker's sweep removes an orphan input at start. A model uploaded to
 the gateway is registered by one worker and attacked, on a data set uploaded to the gateway, by
-another worker that starts with an empty var dir: the registry lives in the store."""
+another worker that starts with an empty var dir; a generator trained there attacks on a fourth
+worker with an empty var dir: the registry lives in the store."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from PIL import Image
 from redis import Redis
 
 from models.datasets import load_split
-from models.manifest import WEIGHTS_FILE, CardIndex
+from models.manifest import GENERATOR_FILE, WEIGHTS_FILE, CardIndex
 from models.registry_store import CACHE_DIR
 from models.store import S3Store
 from tests.conftest import REPO
@@ -78,6 +79,14 @@ def machines(redis_url: str, s3_server: S3Server, tmp_path: Path  # noqa: F811
         finally:
             running.stop()
             Redis.from_url(redis_url).flushdb()
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def ready(running: Running) -> bool:
@@ -181,13 +190,39 @@ def test_registry_across_machines(machines: Machines, tmp_path: Path) -> None:
         assert defense["status"] == "succeeded", (defense, _logs(running.logs))
         assert client.get("/v1/models/team-cnn-bits").json()["composition"]["base"] == "team-cnn@1"
         assert store.exists("registry/models/team-cnn-bits/1/card.json")
+        # A generator trained on C (tiny: one epoch of 64 images) goes to the store too.
+        response = client.post("/v1/attacks/generators", json={
+            "model": "fmnist-cnn", "output": "team-advgan", "epochs": 1, "limit": 64, "batch_size": 32,
+            "eps": 0.2, "seed": 0, "evaluation": {"dataset": "fashion-mnist:test", "offset": 0, "limit": 16}})
+        assert response.status_code == 202, response.text
+        trained = wait(client, response.json()["id"])
+        assert trained["status"] == "succeeded", (trained, _logs(running.logs))
+        assert store.exists("registry/generators/team-advgan/1/card.json")
+        assert client.get("/v1/attacks/generators/team-advgan").json()["version"] == 1
     finally:
-        third.terminate()
-        try:
-            third.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            third.kill()
-    for var in (running.var, machines.worker_var, third_var):  # no registry on any disk
+        stop(third)
+
+    # Machine D: another empty var dir; it attacks with the generator that C trained.
+    fourth_var = tmp_path / "d"
+    fourth_var.mkdir()
+    fourth = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--name", "s3-worker-d"],
+        env={**machines.env, "ADVERSA_VAR_DIR": str(fourth_var), "ADVERSA_PRELOAD": "none",
+             "ADVERSA_SWEEP_INTERVAL_S": "0"},
+        cwd=REPO, stdout=(running.logs / "worker-d.log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        spec = {"model": "fmnist-cnn", "attack": {"name": "advgan", "generator": "team-advgan@1"}, "seed": 1,
+                "inputs": {"dataset": "fashion-mnist:test", "offset": 100, "limit": 8}}
+        response = client.post("/v1/attacks", json=spec)
+        assert response.status_code == 202, response.text
+        job = wait(client, response.json()["id"])
+        assert job["status"] == "succeeded", (job, _logs(running.logs))
+        assert job["result"]["generator"]["generator"] == "team-advgan@1" and job["result"]["scores"]["n"] == 8
+        fetched = fourth_var / CACHE_DIR / "generators" / "team-advgan" / "1" / GENERATOR_FILE
+        assert fetched.read_bytes() == store.get(f"registry/generators/team-advgan/1/{GENERATOR_FILE}")
+    finally:
+        stop(fourth)
+    for var in (running.var, machines.worker_var, third_var, fourth_var):  # no registry on any disk
         assert not any((var / kind).exists() for kind in ("models", "generators", "datasets"))
 
     assert client.delete("/v1/models/team-cnn@1").status_code == 204
