@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,7 +96,7 @@ def make_engine(url: str) -> Engine:
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _set_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -104,6 +106,24 @@ def make_engine(url: str) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _set_wal(cursor: Any, timeout_s: float = 60.0) -> None:
+    """Switch a SQLite file to WAL. The switch takes an exclusive lock and SQLite answers another
+    connection's switch on a fresh file with "database is locked" at once, without its busy timeout
+    (two processes migrating a new database): retry until ``timeout_s``. Once the file is in WAL the
+    pragma is a no-op that takes no lock."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 def _iso(value: datetime | None) -> str | None:
