@@ -215,12 +215,7 @@ AttackParams = Annotated[
     | APGDParams | APGDTParams | FABTParams | SquareParams | HopSkipJumpParams | AdvGANParams,
     Field(discriminator="name"),
 ]
-ATTACK_NAMES = ("fgsm", "pgd", "deepfool", "mi-fgsm", "carlini-wagner-l2", "jsma", "apgd-ce",
-                "apgd-t", "fab-t", "square", "hop-skip-jump", "advgan")
-BLACK_BOX_ATTACKS = frozenset({"square", "hop-skip-jump"})
-MINIMAL_ATTACKS = frozenset({"deepfool", "carlini-wagner-l2", "hop-skip-jump", "jsma"})
-# JSMA in logit space searches feature pairs: quadratic in C x H x W, refused above this.
-JSMA_MAX_PAIR_FEATURES = 2**14
+# What else is known of each attack (norms, flags, budget rule, kernel): ``contracts.attacks``.
 
 
 # --- inputs ----------------------------------------------------------------------------------

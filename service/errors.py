@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from contracts.specs import ATTACK_NAMES
+from contracts.attacks import ATTACKS
 from models.store import BlobStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def validation_problem(errors: list[Any], prefix: tuple[str, ...] = ()) -> Probl
                    code="invalid-request", errors=items)
 
 
-_TAGS = {*ATTACK_NAMES, "dataset", "array", "images"}
+_TAGS = {*ATTACKS, "dataset", "array", "images"}
 
 
 def install(app: FastAPI) -> None:

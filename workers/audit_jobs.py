@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC
 from typing import Any
 
@@ -20,26 +21,23 @@ import numpy as np
 import torch
 from rq.job import Job
 
+from contracts.attacks import ATTACKS
+from contracts.audit_result import check_result
 from contracts.gate import evaluate_gate, parse_gate
 from workers.artifacts import csv_bytes
-from workers.attacks.apgd import DLR_MIN_CLASSES, APGDSpec
-from workers.attacks.cw import CarliniWagnerL2Spec
-from workers.attacks.deepfool import DeepFoolSpec
-from workers.attacks.fab import FABSpec
-from workers.attacks.fgsm import FGSMSpec
-from workers.attacks.pgd import PGDSpec
-from workers.attacks.square import SquareSpec
+from workers.attacks.catalog import kernel_spec
 from workers.audit.battery import AuditPlan, Detector, Stage, run_battery
 from workers.audit.merge import Chunk, merge, nan_to_none, worst_case_rows
 from workers.audit.report import render_report, report_samples
 from workers.errors import JobFailure
-from workers.jobs import _check_cancel, _progress, context, entry, kernel_spec, load_inputs
+from workers.jobs import _check_cancel, _progress, context, entry, load_inputs
 from workers.liveness import check_audit
 from workers.specs import (
-    MINIMAL_ATTACKS,
     AuditChunkJob,
     AuditMergeJob,
     AuditSpec,
+    CarliniWagnerL2Params,
+    DeepFoolParams,
 )
 
 log = logging.getLogger(__name__)
@@ -55,43 +53,42 @@ CASCADE_PLAN: dict[str, Any] = {"cascade": True, "more_steps_factor": 2, "more_r
 
 # --- the plan --------------------------------------------------------------------------------
 
-
-def stage_names(spec: AuditSpec, num_classes: int | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Bounded attack names per norm (suite order) and the minimal attacks' result keys -> the
-    norm they are measured in (one key per name and norm, see ``minimal_key``); torch-free twin
-    of ``build_plan`` used by the merge.
-
-    ``num_classes``: the model's. The standard suite leaves APGD-T out on two classes: its DLR loss
-    is not defined there (``workers.attacks.apgd.check_dlr_classes``), and targeting the one other
-    class is what APGD-CE already does.
-    """
-    bounded: dict[str, list[str]] = {norm: [] for norm in spec.grids}
-    minimal: dict[str, str] = {}
-    for norm in spec.grids:
-        if spec.suite == "quick":
-            bounded[norm] = ["fgsm", "pgd"]
-        elif spec.suite in ("standard", "autoattack"):
-            bounded[norm] = [PROBE, "apgd-ce", "apgd-t", "square"]
-            if spec.suite == "autoattack":
-                bounded[norm].insert(3, "fab-t")
-            if num_classes is not None and num_classes < DLR_MIN_CLASSES:
-                bounded[norm].remove("apgd-t")
-        elif spec.suite == "custom":
-            names: list[str] = [a.name for a in spec.attacks or [] if a.name not in MINIMAL_ATTACKS
-                                and getattr(a, "norm", "linf") == norm]
-            bounded[norm] = ([PROBE] if PROBE not in names else []) + names
-    if spec.suite == "minimal":
-        minimal = {"deepfool": "l2", "carlini-wagner-l2": "l2"}
-        if "linf" in spec.grids:
-            minimal["deepfool-linf"] = "linf"
-    elif spec.suite == "custom":
-        minimal = {key: norm for key, norm, _ in custom_minimal(spec)}
-    return bounded, minimal
+# The built-in suites' bounded attacks, in suite order (the custom suite: the caller's, after the probe).
+SUITES: dict[str, tuple[str, ...]] = {
+    "quick": ("fgsm", "pgd"),
+    "standard": (PROBE, "apgd-ce", "apgd-t", "square"),
+    "autoattack": (PROBE, "apgd-ce", "apgd-t", "fab-t", "square"),
+}
+# What the suites give their bounded attacks besides name, norm and eps (set per grid point);
+# every other parameter keeps its Params default.
+SUITE_BUDGETS: dict[str, Callable[[AuditSpec], dict[str, Any]]] = {
+    "fgsm": lambda spec: {},
+    "pgd": lambda spec: {"steps": spec.steps or 20},
+    "apgd-ce": lambda spec: {"steps": spec.steps or 100},
+    "apgd-t": lambda spec: {"steps": spec.steps or 100, "n_target_classes": spec.n_target_classes},
+    "fab-t": lambda spec: {"steps": spec.steps or 100, "n_target_classes": spec.n_target_classes},
+    "square": lambda spec: {"max_queries": spec.square_queries},
+}
 
 
-def minimal_norm(attack: Any) -> str:
-    """The norm a minimal attack's perturbation is measured in: JSMA's L0, else its own norm."""
-    return "l0" if attack.name == "jsma" else getattr(attack, "norm", "l2")
+def suite_params(spec: AuditSpec, name: str, norm: str) -> Any:
+    """The Params a suite runs ``name`` with in ``norm`` (eps 1.0: replaced per grid point)."""
+    return ATTACKS[name].params.model_validate({"name": name, "norm": norm, "eps": 1.0,
+                                                **SUITE_BUDGETS[name](spec)})
+
+
+def bounded_attacks(spec: AuditSpec, norm: str, num_classes: int | None = None) -> list[Any]:
+    """The suite's bounded attacks in ``norm`` as Params, in suite order: a built-in suite's with
+    its budgets, leaving out those the model has too few classes for (APGD-T's DLR loss is not
+    defined on two, ``workers.attacks.apgd.check_dlr_classes``, and targeting the one other class
+    is what APGD-CE already does); the custom suite's as the gateway checked them, after the probe."""
+    if spec.suite == "custom":
+        attacks = [a for a in spec.attacks or []
+                   if not ATTACKS[a.name].minimal and ATTACKS[a.name].norm(a) == norm]
+        probe = [] if any(a.name == PROBE for a in attacks) else [suite_params(spec, PROBE, norm)]
+        return probe + attacks
+    return [suite_params(spec, name, norm) for name in SUITES.get(spec.suite, ())
+            if num_classes is None or num_classes >= ATTACKS[name].min_classes]
 
 
 def minimal_key(name: str, norm: str) -> str:
@@ -100,50 +97,36 @@ def minimal_key(name: str, norm: str) -> str:
     return name if norm in ("l2", "l0") else f"{name}-{norm}"
 
 
-def custom_minimal(spec: AuditSpec) -> list[tuple[str, str, Any]]:
-    """The custom suite's minimal attacks as (result key, norm, the caller's params)."""
-    return [(minimal_key(a.name, minimal_norm(a)), minimal_norm(a), a)
-            for a in spec.attacks or [] if a.name in MINIMAL_ATTACKS]
+def minimal_attacks(spec: AuditSpec) -> list[tuple[str, str, Any]]:
+    """The minimal attacks as (result key, the norm their size is measured in, Params): the minimal
+    suite's DeepFool (L2, and Linf with a Linf grid) and C&W L2 with their defaults, the custom
+    suite's with the caller's parameters, as the gateway checked them."""
+    attacks: list[Any] = []
+    if spec.suite == "minimal":
+        attacks = [DeepFoolParams(name="deepfool", norm="l2"), CarliniWagnerL2Params(name="carlini-wagner-l2")]
+        if "linf" in spec.grids:
+            attacks.append(DeepFoolParams(name="deepfool", norm="linf"))
+    elif spec.suite == "custom":
+        attacks = [a for a in spec.attacks or [] if ATTACKS[a.name].minimal]
+    measured = [(a, ATTACKS[a.name].norm(a)) for a in attacks]
+    return [(minimal_key(a.name, norm), norm, a) for a, norm in measured]
+
+
+def stage_names(spec: AuditSpec, num_classes: int | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Bounded attack names per norm (suite order) and the minimal attacks' result keys -> the
+    norm they are measured in (one key per name and norm, see ``minimal_key``): what the merge
+    needs of ``build_plan``. ``num_classes``: the model's (see ``bounded_attacks``)."""
+    bounded = {norm: [a.name for a in bounded_attacks(spec, norm, num_classes)] for norm in spec.grids}
+    return bounded, {key: norm for key, norm, _ in minimal_attacks(spec)}
 
 
 def build_plan(spec: AuditSpec, detector: Detector | None, surrogates: tuple[Any, ...],
                batch_size: int, num_classes: int | None = None) -> AuditPlan:
-    bounded, minimal_names = stage_names(spec, num_classes)
-    stages: dict[str, tuple[Stage, ...]] = {}
-    for norm, names in bounded.items():
-        made = []
-        for name in names:
-            if spec.suite == "custom" and name != PROBE:
-                attack = next(a for a in spec.attacks or []
-                              if a.name == name and getattr(a, "norm", "linf") == norm)
-                _, kspec = kernel_spec(attack)
-            elif name == "fgsm":
-                kspec = FGSMSpec(eps=1.0, norm=norm, check=False)  # type: ignore[arg-type]
-            elif name == "pgd":
-                kspec = PGDSpec(eps=1.0, norm=norm, steps=spec.steps or 20)  # type: ignore[arg-type]
-            elif name == "apgd-ce":
-                kspec = APGDSpec(eps=1.0, norm=norm, steps=spec.steps or 100)  # type: ignore[arg-type]
-            elif name == "apgd-t":
-                kspec = APGDSpec(eps=1.0, norm=norm, steps=spec.steps or 100,  # type: ignore[arg-type]
-                                 n_target_classes=spec.n_target_classes)
-            elif name == "fab-t":
-                kspec = FABSpec(eps=1.0, norm=norm, steps=spec.steps or 100,  # type: ignore[arg-type]
-                                n_target_classes=spec.n_target_classes)
-            else:
-                kspec = SquareSpec(eps=1.0, norm=norm, max_queries=spec.square_queries)  # type: ignore[arg-type]
-            made.append(Stage(name, kspec, norm))
-        stages[norm] = tuple(made)
-    minimal = []
-    if spec.suite == "custom":  # the caller's parameters, as the gateway checked them
-        for key, norm, attack in custom_minimal(spec):
-            minimal.append(Stage(attack.name, kernel_spec(attack)[1], norm, bounded=False, key=key))
-    for key, norm in minimal_names.items() if spec.suite == "minimal" else ():
-        if key == "carlini-wagner-l2":
-            minimal.append(Stage(key, CarliniWagnerL2Spec(), "l2", bounded=False))
-        else:
-            minimal.append(Stage("deepfool", DeepFoolSpec(norm=norm), norm, bounded=False,  # type: ignore[arg-type]
-                                 key=key))
-    return AuditPlan(grids={n: tuple(g) for n, g in spec.grids.items()}, stages=stages, minimal=tuple(minimal),
+    stages = {norm: tuple(Stage(a.name, kernel_spec(a)[1], norm)
+                          for a in bounded_attacks(spec, norm, num_classes)) for norm in spec.grids}
+    minimal = tuple(Stage(a.name, kernel_spec(a)[1], norm, bounded=False, key=key)
+                    for key, norm, a in minimal_attacks(spec))
+    return AuditPlan(grids={n: tuple(g) for n, g in spec.grids.items()}, stages=stages, minimal=minimal,
                      check_eps=spec.check_eps, detector=detector, surrogates=surrogates,
                      transfer_eps=spec.transfer_eps if surrogates else None, batch_size=batch_size,
                      **(CASCADE_PLAN if cascades(spec) else {}))
@@ -315,6 +298,9 @@ def _audit_merge(spec: AuditMergeJob, job: Job | None) -> dict[str, Any]:
     first_start = _first_start(chunks, chunk_jobs)
     result["seconds"] = result["merge_seconds"] if first_start is None else max(
         round(time.time() - first_start, 3), result["merge_seconds"])
+    # The result's schema (contracts.audit_result) is the contract with the gate, the report and the
+    # CLI: a result that does not fit it is a bug here, never stored or returned.
+    check_result(result)
     ctx.store.put(f"jobs/{spec.audit_id}/audit.json", json.dumps(result, indent=2).encode())
     ctx.store.put(f"jobs/{spec.audit_id}/report.html",
                   render_report(result, samples, card.classes).encode())

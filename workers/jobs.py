@@ -7,7 +7,6 @@ Jobs are enqueued by string reference (``"workers.jobs.run_attack"``) with the J
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import logging
 import math
@@ -24,6 +23,7 @@ from rq import get_current_job
 from rq.job import Job
 
 from contracts import telemetry
+from contracts.attacks import ATTACKS
 from contracts.specs import PREDICT_INPUT_KEY
 from history.recording import record_finished
 from models.datasets import DataCatalog, DataError, DatasetMissingError, to_bounds
@@ -33,7 +33,7 @@ from models.registry_store import open_registries
 from models.store import BlobStore, open_store
 from workers.artifacts import csv_bytes, grid_png, npy_bytes
 from workers.attacks.base import Norm, project
-from workers.attacks.catalog import KERNELS
+from workers.attacks.catalog import kernel_spec
 from workers.cache import (
     CANDIDATE_BATCHES,
     GeneratorCache,
@@ -57,7 +57,7 @@ from workers.scores import (
     summarize,
 )
 from workers.settings import WorkerSettings
-from workers.specs import MINIMAL_ATTACKS, AdvGANParams, AttackJob, PredictJob
+from workers.specs import AdvGANParams, AttackJob, PredictJob
 
 log = logging.getLogger(__name__)
 SpecT = TypeVar("SpecT", bound=BaseModel)
@@ -223,19 +223,6 @@ def choose_targets(
     return (y + shift) % num_classes
 
 
-def kernel_spec(attack: Any, loaded: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
-    """The kernel and its spec dataclass for ``attack`` (its pydantic params). ``loaded``: spec
-    fields the job loaded itself (``advgan``: the trained generator and the eps and targeting of
-    its card, see ``load_attack``); they take precedence over the params."""
-    kernel, spec_cls = KERNELS[attack.name]
-    fields = {f.name for f in dataclasses.fields(spec_cls)}
-    values = {k: v for k, v in attack.model_dump().items() if k in fields}
-    values.update(loaded or {})
-    if "check" in fields:
-        values["check"] = False  # the job judges every output itself
-    return kernel, spec_cls(**values)
-
-
 @dataclass(frozen=True)
 class LoadedAttack:
     """What an attack needs beyond its parameters, loaded by the job: ``spec_fields`` for
@@ -380,7 +367,7 @@ def _run_attack(spec: AttackJob, job: Job | None) -> dict[str, Any]:
     finally:
         attacker.forget()
     _progress(job, 1.0, stage={"phase": "scoring"})
-    minimal = spec.attack.name in MINIMAL_ATTACKS
+    minimal = ATTACKS[spec.attack.name].minimal
     # The images' artifacts are encoded and stored while the scores are computed (PNG and .npy
     # encoding and the store's I/O mostly release the GIL).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"artifacts-{spec.job_id}") as pool:
@@ -449,7 +436,7 @@ def job_batch_size(cache: ModelCache, card: ModelCard, model: Classifier, reques
 def attack_ball(attack: Any, loaded: Mapping[str, Any] | None = None) -> tuple[float, Norm] | None:
     """The budget ``(eps, norm)`` that ``craft`` projects ``attack``'s examples onto (the kernel
     spec's, so ``advgan`` gets its generator card's eps); None for minimal attacks, which have none."""
-    if attack.name in MINIMAL_ATTACKS:
+    if ATTACKS[attack.name].minimal:
         return None
     _, kspec = kernel_spec(attack, loaded)
     eps = getattr(kspec, "eps", None)

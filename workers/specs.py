@@ -2,16 +2,12 @@
 re-exported here for the workers' imports."""
 
 from contracts.specs import (  # noqa: F401 - re-exported
-    ATTACK_NAMES,
     AUDIT_SUITES,
-    BLACK_BOX_ATTACKS,
     DEFAULT_CHECK_EPS,
     DEFAULT_GRIDS,
     DEFENSE_SUFFIX,
     DETECTION_ATTACKS,
-    JSMA_MAX_PAIR_FEATURES,
     MAX_STEPS,
-    MINIMAL_ATTACKS,
     NON_DIFFERENTIABLE_STEPS,
     TRAINING_DEFENSES,
     AdvGANParams,
@@ -90,10 +86,6 @@ __all__ = [
     "HopSkipJumpParams",
     "AdvGANParams",
     "AttackParams",
-    "ATTACK_NAMES",
-    "BLACK_BOX_ATTACKS",
-    "MINIMAL_ATTACKS",
-    "JSMA_MAX_PAIR_FEATURES",
     "DatasetInputs",
     "ArrayInputs",
     "ImageInputs",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import secrets
 import uuid
 from typing import Any
@@ -15,23 +14,16 @@ from pydantic import ValidationError
 from rq.job import Job
 from starlette.datastructures import UploadFile
 
+from contracts.attacks import AttackInvalid, entry_for
 from contracts.specs import (
-    BLACK_BOX_ATTACKS,
-    JSMA_MAX_PAIR_FEATURES,
     AdvGANParams,
-    APGDTParams,
     ArrayInputs,
     AttackJob,
     AttackRequest,
-    CarliniWagnerL2Params,
     DatasetInputs,
-    DeepFoolParams,
-    FABTParams,
-    HopSkipJumpParams,
     ImageInputs,
     InputRef,
     JobView,
-    JSMAParams,
 )
 from models.manifest import CardIndex, GeneratorCard, GeneratorIndex, ModelCard
 from service import inputs as inp
@@ -110,54 +102,18 @@ def check_attack(request: AttackRequest, card: ModelCard, n: int, labels: np.nda
                  settings: Settings) -> None:
     """Attack parameters that depend on the model, the inputs or the configured limits."""
     attack = request.attack
+    entry = entry_for(attack)
     eps = getattr(attack, "eps", None)
     if eps is not None:
-        norm = getattr(attack, "norm", "linf")
+        norm = entry.norm(attack)
         limit = inp.max_eps(card, norm)
         if eps > limit:
             raise invalid("attack.eps", f"expected 0 < eps <= {limit:g} for norm {norm} "
                                         f"on inputs in {list(card.bounds)}, got {eps:g}")
-    steps = getattr(attack, "steps", None)
-    if steps is not None:
-        total = steps * getattr(attack, "restarts", 1) * getattr(attack, "n_target_classes", 1)
-        if total > settings.max_steps:
-            raise invalid("attack.steps", f"expected steps x restarts (x target classes) <= "
-                                          f"{settings.max_steps}, got {total}")
-    if isinstance(attack, CarliniWagnerL2Params):
-        total = attack.binary_search_steps * attack.max_iter
-        if total > settings.max_steps:
-            raise invalid("attack.max_iter", f"expected binary_search_steps x max_iter <= "
-                                             f"{settings.max_steps}, got {total}")
-    max_queries = getattr(attack, "max_queries", None)
-    if max_queries is not None and max_queries > settings.max_queries:
-        raise invalid("attack.max_queries", f"expected at most {settings.max_queries} queries "
-                                            f"per image, got {max_queries}")
-    if isinstance(attack, HopSkipJumpParams) and attack.initial_num_evals > attack.max_num_evals:
-        raise invalid("attack.initial_num_evals", f"expected at most max_num_evals "
-                                                  f"({attack.max_num_evals}), got {attack.initial_num_evals}")
-    if isinstance(attack, APGDTParams):
-        if card.num_classes < 3:
-            raise invalid("attack.name", f"expected a model with at least 3 classes for the "
-                                         f"targeted DLR loss, got {card.num_classes}")
-        if attack.n_target_classes > card.num_classes - 1:
-            raise invalid("attack.n_target_classes", f"expected at most {card.num_classes - 1}, "
-                                                      f"got {attack.n_target_classes}")
-    if isinstance(attack, FABTParams) and attack.n_target_classes > card.num_classes - 1:
-        raise invalid("attack.n_target_classes", f"expected at most {card.num_classes - 1}, "
-                                                  f"got {attack.n_target_classes}")
-    if isinstance(attack, JSMAParams) and attack.space == "logits" and (
-        math.prod(card.input_shape) > JSMA_MAX_PAIR_FEATURES
-    ):
-        raise invalid("attack.space", f"expected space 'probabilities' on inputs of more than "
-                                      f"{JSMA_MAX_PAIR_FEATURES} values (the logit-space pair search is "
-                                      f"quadratic in them), got {math.prod(card.input_shape)}")
-    if isinstance(attack, DeepFoolParams):
-        if attack.max_iter > settings.max_steps:
-            raise invalid("attack.max_iter", f"expected at most {settings.max_steps}, "
-                                             f"got {attack.max_iter}")
-        if attack.candidates > card.num_classes:
-            raise invalid("attack.candidates", f"expected at most {card.num_classes} (the "
-                                               f"model's classes), got {attack.candidates}")
+    try:
+        entry.check(attack, card, settings)
+    except AttackInvalid as exc:
+        raise invalid(exc.field, exc.message) from None
     targets = getattr(attack, "targets", None)
     if targets is not None:
         if len(targets) != n:
@@ -179,10 +135,11 @@ def check_surrogate(request: AttackRequest, card: ModelCard, index: CardIndex,
     """A transfer attack's surrogate: visible, white-box attack, same inputs and classes."""
     if request.surrogate is None:
         return None
-    if isinstance(request.attack, AdvGANParams):
-        raise invalid("surrogate", "expected no surrogate for advgan: its generator was trained on a "
+    entry = entry_for(request.attack)
+    if entry.uses_generator:
+        raise invalid("surrogate", f"expected no surrogate for {entry.name}: its generator was trained on a "
                                    "model already (its card's target_model); attack `model` with it directly")
-    if request.attack.name in BLACK_BOX_ATTACKS:
+    if entry.black_box:
         raise invalid("surrogate", f"expected a white-box attack for a transfer attack, got "
                                    f"{request.attack.name} (it queries the target directly)")
     surrogate = index.card(request.surrogate)

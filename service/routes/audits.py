@@ -14,9 +14,9 @@ from fastapi.concurrency import run_in_threadpool
 from redis.exceptions import RedisError
 from rq.job import Dependency, Job
 
+from contracts.attacks import ATTACKS
 from contracts.gate import GateError, eps_key, match_eps, parse_gate
 from contracts.specs import (
-    BLACK_BOX_ATTACKS,
     DEFAULT_CHECK_EPS,
     DEFAULT_GRIDS,
     ArrayInputs,
@@ -121,7 +121,7 @@ def _black_box(body: AuditRequest, card: ModelCard) -> tuple[AuditRequest, list[
     if card.gradients:
         return body, []
     norms = body.norms or (list(body.eps) if body.eps else ["linf"])
-    attacks = [a for a in body.attacks or [] if a.name in BLACK_BOX_ATTACKS]
+    attacks = [a for a in body.attacks or [] if ATTACKS[a.name].black_box]
     if not attacks:
         attacks = [SquareParams(name="square", norm=norm, eps=1.0, max_queries=body.square_queries)
                    for norm in norms if norm in ("linf", "l2")]
@@ -143,7 +143,7 @@ def check_audit(body: AuditRequest, card: ModelCard, n: int, labels: np.ndarray 
     if suite == "custom" and not body.attacks:
         raise invalid("attacks", "expected a list of attack specs for the custom suite")
     for i, attack in enumerate(body.attacks or []):
-        if attack.name == "advgan":
+        if ATTACKS[attack.name].uses_generator:
             raise invalid(f"attacks[{i}].name", "expected an attack that runs at any eps of the grid: a "
                                                 "generator is trained for one eps (attack it with "
                                                 "POST /v1/attacks instead)")
@@ -155,7 +155,7 @@ def check_audit(body: AuditRequest, card: ModelCard, n: int, labels: np.ndarray 
         except Problem as exc:
             raise Problem(exc.status, f"attacks[{i}]: {exc.detail}", field=f"attacks[{i}]",
                           code=exc.code, errors=exc.errors) from None
-    names = [(a.name, getattr(a, "norm", None)) for a in body.attacks or []]
+    names = [(a.name, ATTACKS[a.name].norm(a)) for a in body.attacks or []]
     if len(set(names)) != len(names):
         raise invalid("attacks", "expected each attack (name and norm) at most once")
     grids = _grids(body, card, suite)

@@ -38,9 +38,9 @@ from typing import Literal
 
 import torch
 
+from contracts.attacks import JSMA_MAX_PAIR_FEATURES
 from workers.attacks.base import AttackOutput, check_batch, counters, goal_reached
 from workers.classifier import Classifier
-from workers.specs import JSMA_MAX_PAIR_FEATURES
 
 PAIR_MEMORY_BYTES = 256 * 2**20  # cap on the (n, S, S) pair-score tensors of one chunk
 CANDIDATES = 32  # features per ranking that give the pair search its lower bound

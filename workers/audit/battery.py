@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from contracts.attacks import ATTACKS
 from contracts.gate import eps_key
 from workers.attacks.base import AttackOutput, flat_norm, project
 from workers.attacks.catalog import KERNELS
@@ -51,9 +52,6 @@ from workers.audit.merge import Chunk
 from workers.classifier import Classifier
 from workers.defenses.preprocess import bpda
 from workers.defenses.squeeze import squeeze_scores
-
-BLACK_BOX = frozenset({"square", "hop-skip-jump"})
-SINGLE_STEP = frozenset({"fgsm"})
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,12 @@ class Stage:
 
     @property
     def white_box(self) -> bool:
-        return self.name not in BLACK_BOX
+        return not ATTACKS[self.name].black_box
+
+    @property
+    def single_step(self) -> bool:
+        """The probe: compared with the iterative attacks, never part of the cascade."""
+        return ATTACKS[self.name].single_step
 
     @property
     def result_key(self) -> str:
@@ -193,9 +196,9 @@ def _with_eps(spec: Any, eps: float) -> Any:
 
 
 @contextlib.contextmanager
-def _gradients_for(stage: Stage, model: Classifier) -> Iterator[None]:
-    """White-box stages of a non-differentiable model see BPDA gradients."""
-    if stage.white_box and not model.differentiable:
+def _gradients_for(white_box: bool, model: Classifier) -> Iterator[None]:
+    """White-box attacks on a non-differentiable model see BPDA gradients."""
+    if white_box and not model.differentiable:
         with bpda(model.module):
             yield
     else:
@@ -267,7 +270,7 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
         flagged_by_stage = torch.zeros(len(stages), len(grid), n, dtype=torch.bool, device=x.device)
         best = [x.clone() for _ in stages]  # per stage, its latest successful example
         alive = [correct.clone() for _ in stages]  # per stage, robust so far
-        in_cascade = [plan.cascade and stage.name not in SINGLE_STEP for stage in stages]
+        in_cascade = [plan.cascade and not stage.single_step for stage in stages]
         cascade_best = x.clone()  # cascade: each sample's latest successful example of any stage
         for e, eps in enumerate(grid):
             standing = correct.clone()  # cascade: robust to every cascade stage so far
@@ -286,7 +289,7 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
                 if idx.numel():
                     notify(f"{stage.name} {norm} eps {eps:g}")
                     stage_started = time.perf_counter()
-                    with _gradients_for(stage, model):
+                    with _gradients_for(stage.white_box, model):
                         x_adv = _run(attacker if stage.white_box else model, stage,
                                      _with_eps(stage.spec, eps), x[idx], y[idx], generator, bs)
                     hit = model.predict(x_adv, bs).argmax(1) != y[idx]
@@ -344,7 +347,7 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
         norms[~correct.cpu()] = math.nan
         if idx.numel():
             notify(f"{stage.result_key} (minimal)")
-            with _gradients_for(stage, model):
+            with _gradients_for(stage.white_box, model):
                 x_adv = _run(attacker if stage.white_box else model, stage, stage.spec, x[idx], y[idx],
                              generator, bs)
             hit = model.predict(x_adv, bs).argmax(1) != y[idx]
@@ -369,7 +372,7 @@ def run_battery(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: Audit
         lo, hi = model.bounds
         stage = Stage("pgd", PGDSpec(eps=hi - lo, steps=plan.unbounded_steps, step_size=(hi - lo) / 10,
                                      random_start=False), "linf")
-        with _gradients_for(stage, model):
+        with _gradients_for(stage.white_box, model):
             x_adv = _run(attacker, stage, stage.spec, x[idx], y[idx], generator, bs)
         counters["unbounded_broken"] = float((model.predict(x_adv, bs).argmax(1) != y[idx]).sum())
     # Wall-clock seconds (summed over chunks by the merge): the suite's stages, and everything else
@@ -416,7 +419,7 @@ def adaptive_evasions(model: Classifier, x: torch.Tensor, y: torch.Tensor, corre
         spec = SqueezeAdaptiveSpec(eps=eps, squeezers=detector.squeezers, threshold=detector.threshold,
                                    norm=norm, steps=detector.adaptive_steps)  # type: ignore[arg-type]
         x_adv = torch.empty_like(x[idx])
-        with _gradients_for(Stage("squeeze-adaptive", spec, norm), model):
+        with _gradients_for(True, model):
             for start in range(0, idx.numel(), bs):
                 rows = idx[start:start + bs]
                 out = squeeze_adaptive(model, x[rows], y[rows], spec, generator=generator)
@@ -435,8 +438,8 @@ def _checks_for_norm(model: Classifier, attacker: Classifier, x: torch.Tensor, y
                      notify: Callable[[str], None]) -> None:
     """Per-eps counts for the single-step and black-box checks, and the more-steps rerun."""
     grid = plan.grids[norm]
-    single = [s for s, st in enumerate(stages) if st.name in SINGLE_STEP]
-    iterative = [s for s, st in enumerate(stages) if st.white_box and st.name not in SINGLE_STEP]
+    single = [s for s, st in enumerate(stages) if st.single_step]
+    iterative = [s for s, st in enumerate(stages) if st.white_box and not st.single_step]
     black = [s for s, st in enumerate(stages) if not st.white_box]
     for e, eps in enumerate(grid):
         key = eps_key(norm, eps)
@@ -470,7 +473,7 @@ def _checks_for_norm(model: Classifier, attacker: Classifier, x: torch.Tensor, y
     counters[f"more_steps_restarts@{norm}"] = float(plan.more_restarts)
     # The cross-entropy first (what the suite followed), then the logit margin on what still stands.
     for loss, attack_with in (("ce", attacker), ("margin", MarginClassifier(attacker))):
-        with _gradients_for(stage, model):
+        with _gradients_for(stage.white_box, model):
             x_adv = _run(attack_with, stage, stage.spec, x[survivors], y[survivors], generator, plan.batch_size)
         hit = model.predict(x_adv, plan.batch_size).argmax(1) != y[survivors]
         counters[f"more_steps_broken_{loss}@{norm}"] = float(hit.sum())
