@@ -81,6 +81,16 @@ def machines(redis_url: str, s3_server: S3Server, tmp_path: Path  # noqa: F811
             Redis.from_url(redis_url).flushdb()
 
 
+def empty_machine(machines: Machines, name: str, var: Path) -> subprocess.Popen[bytes]:
+    """A worker ``s3-worker-<name>`` on another machine: an empty var dir ``var``, no preloading, no sweep."""
+    var.mkdir()
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--name", f"s3-worker-{name}"],
+        env={**machines.env, "ADVERSA_VAR_DIR": str(var), "ADVERSA_PRELOAD": "none",
+             "ADVERSA_SWEEP_INTERVAL_S": "0"},
+        cwd=REPO, stdout=(machines.running.logs / f"worker-{name}.log").open("wb"), stderr=subprocess.STDOUT)
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     try:
@@ -161,12 +171,7 @@ def test_registry_across_machines(machines: Machines, tmp_path: Path) -> None:
 
     # Machine C: a new worker with an empty var dir takes the attack; B is gone.
     third_var = tmp_path / "c"
-    third_var.mkdir()
-    third = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--name", "s3-worker-c"],
-        env={**machines.env, "ADVERSA_VAR_DIR": str(third_var), "ADVERSA_PRELOAD": "none",
-             "ADVERSA_SWEEP_INTERVAL_S": "0"},
-        cwd=REPO, stdout=(running.logs / "worker-c.log").open("wb"), stderr=subprocess.STDOUT)
+    third = empty_machine(machines, "c", third_var)
     try:
         running.worker.terminate()
         running.worker.wait(timeout=60)
@@ -204,12 +209,7 @@ def test_registry_across_machines(machines: Machines, tmp_path: Path) -> None:
 
     # Machine D: another empty var dir; it attacks with the generator that C trained.
     fourth_var = tmp_path / "d"
-    fourth_var.mkdir()
-    fourth = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--name", "s3-worker-d"],
-        env={**machines.env, "ADVERSA_VAR_DIR": str(fourth_var), "ADVERSA_PRELOAD": "none",
-             "ADVERSA_SWEEP_INTERVAL_S": "0"},
-        cwd=REPO, stdout=(running.logs / "worker-d.log").open("wb"), stderr=subprocess.STDOUT)
+    fourth = empty_machine(machines, "d", fourth_var)
     try:
         spec = {"model": "fmnist-cnn", "attack": {"name": "advgan", "generator": "team-advgan@1"}, "seed": 1,
                 "inputs": {"dataset": "fashion-mnist:test", "offset": 100, "limit": 8}}
