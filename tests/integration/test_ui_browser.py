@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 from redis import Redis
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
 from history.store import HistoryStore
@@ -70,11 +70,14 @@ def settled(driver: Chrome, title_start: str) -> list[dict[str, Any]]:
 
 
 def follow(driver: Chrome, element: WebElement) -> None:
-    """Click ``element`` and wait until the browser has left the page it was on (two pages may share a
-    title, so the title alone cannot tell that the next one has loaded)."""
-    page = driver.find_element(By.TAG_NAME, "html")
+    """Click ``element`` and wait until the browser has loaded another document (two pages may share
+    a title, so the title alone cannot tell that the next one has loaded). The old document carries a
+    mark the next one lacks. While the browser is between documents a script may fail (Chromium has
+    answered both "stale element" and "unhandled inspector error"): that counts as not yet there."""
+    driver.execute_script("window.adversaOldPage = true")
     element.click()
-    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 60, ignored_exceptions=(WebDriverException,)).until(lambda d: d.execute_script(
+        "return window.adversaOldPage === undefined && document.readyState === 'complete'"))
 
 
 def charts(driver: Chrome) -> list[dict[str, float]]:
